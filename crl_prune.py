@@ -1,0 +1,757 @@
+"""crl_prune.py: neural network pruning through constrained reinforcement learning, in one file.
+
+Reference implementation of Malik, Haider, Iqbal and Taj, "Neural Network Pruning Through Constrained
+Reinforcement Learning", ICPR 2022 (arXiv:2110.08558).
+
+    python crl_prune.py --arch vgg16 --budget params=0.1
+
+The pruning decision is a policy, one Bernoulli keep-probability per channel, p = sigmoid(theta). A mask m drawn
+from it selects a sub-network. The policy is trained with REINFORCE to maximise the sub-network's reward R(m)
+(minus its cross-entropy) under budgets C_j(m) <= b_j on costs that are only ever *evaluated* (parameters, MACs,
+measured latency), enforced by Lagrange multipliers lambda_j >= 0 updated by dual ascent:
+
+    max_theta  min_{lambda >= 0}  E_{m ~ pi_theta} [ R(m) - sum_j lambda_j (C_j(m) - b_j) ]
+
+Meanwhile the weights keep training on the sampled sub-networks. At the end the most probable channels that fit
+the budget are kept, the network is physically compacted and fine-tuned.
+
+Sections, in pipeline order:
+  1. Models with channel masks      VGG11/13/16/19 and ResNet18 for 32x32 images
+  2. Costs as black-box functions   parameters and MACs of the compact network, as fractions of the dense one
+  3. The policy                     one Bernoulli keep-probability per channel
+  4. REINFORCE with a baseline      on the Lagrangian reward
+  5. The dual step                  projected, damped ascent on the multipliers
+  6. The final mask                 the most probable channels within the budget
+  7. Physical compaction            the smaller network, same outputs
+  8. Data and training loops        whole dataset on the device, augmentation as tensor ops
+  9. Command line                   checks every input before any long work, then runs the pipeline
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def fail(message):
+    """Every bad input ends here: one line on stderr, exit status 1."""
+    raise SystemExit(f"crl_prune: error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Models with channel masks
+# ---------------------------------------------------------------------------------------------------------------------
+# A *group* is a set of channels that are removed together: each channel of a group has one mask entry. Every layer is
+# a Unit that knows which group its output channels (`out`) and its input channels (`inp`) belong to; None means the
+# image or the class scores, which are never pruned. That one fact drives masking here, counting (section 2) and
+# compaction (section 7): dim 0 of every tensor of a unit follows its `out` group, dim 1 its `inp` group.
+# Channels that a residual addition sums must vanish together, so they share one group.
+
+class Unit(nn.Module):
+    """conv or linear layer -> BN, then the mask of group `out`: a masked channel outputs exactly zero."""
+
+    def __init__(self, layer, bn, inp, out):
+        super().__init__()
+        self.layer, self.bn, self.inp, self.out = layer, bn, inp, out
+
+    def forward(self, x, masks=None):
+        y = self.bn(self.layer(x))
+        if masks is None or self.out is None:
+            return y
+        m = masks[self.out]  # (batch or 1, channels): each sample may have its own mask
+        return y * m.view(*m.shape, *[1] * (y.dim() - 2)).to(y.dtype)
+
+    def dim_groups(self, t):
+        """(dim, group) pairs of one of this unit's tensors: dim 0 follows the output group, dim 1 the input group."""
+        return [(d, g) for d, g in ((0, self.out), (1, self.inp)) if d < t.dim() and g is not None]
+
+
+def conv_bn(widths, inp, out, stride=1, k=3):
+    cin = 3 if inp is None else widths[inp]
+    return Unit(nn.Conv2d(cin, widths[out], k, stride, k // 2, bias=False), nn.BatchNorm2d(widths[out]), inp, out)
+
+
+VGG_CFG = {  # channels per conv layer; 'M' is a 2x2 max-pool
+    'vgg11': [64, 'M', 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M'],
+    'vgg13': [64, 64, 'M', 128, 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M'],
+    'vgg16': [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M'],
+    'vgg19': [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 256, 'M', 512, 512, 512, 512, 'M', 512, 512, 512, 512, 'M'],
+}
+ARCHS = [*VGG_CFG, 'resnet18']
+
+
+class VGG(nn.Module):
+    """CIFAR VGG of Li et al. (2017) and HRank: conv3x3-BN-ReLU stacks, then Linear(512,512)-BN1d-ReLU-Linear.
+    Groups: one per conv layer, then one for the hidden linear layer."""
+
+    def __init__(self, arch, widths, num_classes):
+        super().__init__()
+        cfg = VGG_CFG[arch]
+        convs = [c for c in cfg if c != 'M']
+        self.group_names = [f'conv{i + 1}' for i in range(len(convs))] + ['fc1']
+        self.convs = nn.ModuleList(conv_bn(widths, g - 1 if g else None, g) for g in range(len(convs)))
+        self.pool_after = {len([c for c in cfg[:i] if c != 'M']) - 1 for i, c in enumerate(cfg) if c == 'M'}
+        last, hidden = len(convs) - 1, len(convs)
+        self.fc1 = Unit(nn.Linear(widths[last], widths[hidden], bias=False), nn.BatchNorm1d(widths[hidden]),
+                        last, hidden)
+        self.fc2 = Unit(nn.Linear(widths[hidden], num_classes), nn.Identity(), hidden, None)
+
+    def forward(self, x, masks=None):
+        for i, conv in enumerate(self.convs):
+            x = F.relu(conv(x, masks))
+            if i in self.pool_after:
+                x = F.max_pool2d(x, 2)
+        x = F.relu(self.fc1(x.flatten(1), masks))  # 32x32 input: 1x1 after five pools
+        return self.fc2(x, masks)
+
+
+class Block(nn.Module):
+    """ResNet BasicBlock. conv1 has a group of its own; conv2, the shortcut and the block's input are summed, so
+    they share the stage's residual-stream group."""
+
+    def __init__(self, widths, inp, mid, out, stride):
+        super().__init__()
+        self.conv1 = conv_bn(widths, inp, mid, stride)
+        self.conv2 = conv_bn(widths, mid, out)
+        self.shortcut = conv_bn(widths, inp, out, stride, k=1) if stride != 1 or inp != out else None
+
+    def forward(self, x, masks=None):
+        h = F.relu(self.conv1(x, masks))
+        s = x if self.shortcut is None else self.shortcut(x, masks)
+        return F.relu(self.conv2(h, masks) + s)
+
+
+class ResNet18(nn.Module):
+    """CIFAR ResNet18 (3x3 stem, no max-pool). Groups 0-3: the residual stream of each stage (the stem's output is
+    stage 1's stream); groups 4-11: the first conv of each block."""
+
+    def __init__(self, arch, widths, num_classes):
+        super().__init__()
+        self.group_names = [f'stage{s + 1}' for s in range(4)] + [f'block{b + 1}.conv1' for b in range(8)]
+        self.stem = conv_bn(widths, None, 0)
+        # block b belongs to stage b // 2 and reads the stream of the stage before it (stage 1 for the first block)
+        self.blocks = nn.ModuleList(Block(widths, max(b - 1, 0) // 2, 4 + b, b // 2, 2 if b in (2, 4, 6) else 1)
+                                    for b in range(8))
+        self.fc = Unit(nn.Linear(widths[3], num_classes), nn.Identity(), 3, None)
+
+    def forward(self, x, masks=None):
+        x = F.relu(self.stem(x, masks))
+        for block in self.blocks:
+            x = block(x, masks)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1), masks)
+
+
+def dense_widths(arch, width=1.0):
+    """Channels of every group of the dense network, every layer scaled by `width`."""
+    base = [64, 128, 256, 512, 64, 64, 128, 128, 256, 256, 512, 512] if arch == 'resnet18' else \
+        [c for c in VGG_CFG[arch] if c != 'M'] + [512]
+    return [max(1, round(c * width)) for c in base]
+
+
+def build(arch, widths, num_classes):
+    """The network with `widths` channels per group: dense widths give the dense network, kept widths the compact one."""
+    model = (ResNet18 if arch == 'resnet18' else VGG)(arch, widths, num_classes)
+    model.arch, model.widths, model.num_classes = arch, list(widths), num_classes
+    return model
+
+
+def units(model):
+    return [m for m in model.modules() if isinstance(m, Unit)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Costs as black-box functions of the kept channels
+# ---------------------------------------------------------------------------------------------------------------------
+# A cost maps the kept widths of K candidate networks, a (K, groups) tensor, to K fractions of the dense network's
+# cost. The pruning loop only evaluates costs, never differentiates them, so any function of the kept widths plugs in
+# the same way (e.g. latency measured on the compact network). Parameters count every tensor of the compact network,
+# BN and classifier included; MACs count conv and linear layers (weight elements x output positions).
+
+@torch.no_grad()
+def output_positions(model, kinds):
+    """H*W of the output of every module of `kinds` (1 for linear layers), from one forward pass of a 32x32 image."""
+    sizes, was_training = {}, model.training
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.__setitem__(m, o[0, 0].numel()))
+             for m in model.modules() if isinstance(m, kinds)]
+    model.eval()(torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device))
+    for h in hooks:
+        h.remove()
+    model.train(was_training)
+    return sizes
+
+
+def measure(model):
+    """Parameters and MACs counted on a network itself: the figures reported for the dense and the compact network."""
+    macs = sum(m.weight.numel() * n for m, n in output_positions(model, (nn.Conv2d, nn.Linear)).items())
+    return sum(p.numel() for p in model.parameters()), macs
+
+
+def make_costs(model, names):
+    """{name: C(widths) -> fraction of the dense `model`} for the requested cost names ('params', 'macs')."""
+    table = list(output_positions(model, Unit).items())
+
+    def count(widths):  # widths: (..., groups) integer tensor; exact integer counts of the network that keeps them
+        params = macs = 0
+        for unit, positions in table:
+            for name, t in unit.named_parameters():
+                n = math.prod(t.shape[d] for d in range(t.dim()) if d not in dict(unit.dim_groups(t)))
+                for _, g in unit.dim_groups(t):
+                    n = n * widths[..., g]
+                params = params + n
+                macs = macs + n * positions if name == 'layer.weight' else macs
+        return {'params': params, 'macs': macs}
+
+    dense = count(torch.tensor(model.widths))
+    return {name: (lambda w, name=name: count(w)[name].double() / dense[name].item()) for name in names}
+
+
+COSTS = ['params', 'macs']
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. The policy: pi_theta(m) = prod_c Bernoulli(m_c; p_c),  p = sigmoid(theta), one entry per channel of every group
+# ---------------------------------------------------------------------------------------------------------------------
+
+class Policy(nn.Module):
+    def __init__(self, widths, init_keep):
+        super().__init__()
+        self.widths = list(widths)
+        self.theta = nn.Parameter(torch.full((sum(widths),), math.log(init_keep / (1 - init_keep))))
+
+    def dist(self):
+        return torch.distributions.Bernoulli(logits=self.theta)
+
+    def sample(self, k):
+        """k masks, a (k, channels) tensor of zeros and ones."""
+        return self.dist().sample((k,))
+
+    def log_prob(self, masks):
+        """log pi(m) = sum_c m_c log p_c + (1 - m_c) log(1 - p_c), one value per mask."""
+        return self.dist().log_prob(masks).sum(-1)
+
+    def split(self, masks):
+        """One (k, width) block per group, the form the models take."""
+        return masks.split(self.widths, -1)
+
+    def kept(self, masks):
+        """Kept widths per group, the input of every cost."""
+        return torch.stack([g.sum(-1) for g in self.split(masks)], -1).long()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. REINFORCE with a baseline on the Lagrangian reward
+# ---------------------------------------------------------------------------------------------------------------------
+
+def reinforce_loss(policy, masks, reward, cost, budget, lam):
+    """Surrogate loss whose gradient is minus the policy gradient of the Lagrangian, for K masks.
+    reward: (K,), cost: (K, J) values C_j(m_k), budget and lam: (J,)."""
+    lagrangian = reward - (cost - budget) @ lam           # L_k = R_k - sum_j lambda_j (C_j(m_k) - b_j)
+    k = len(lagrangian)
+    advantage = (lagrangian - lagrangian.mean()) * k / (k - 1)  # L_k - b_k, b_k = mean of the other K-1 (unbiased)
+    return -(advantage.detach().float() * policy.log_prob(masks)).mean()  # grad: -mean_k (L_k - b_k) grad log pi(m_k)
+
+
+def crl_step(model, policy, costs, budget, lam, x, y, k):
+    """Sample K masks and score all K sub-networks in one forward pass: slice k of the batch is the same images under
+    mask k (common random numbers: rewards differ only through the masks). Returns the weights' loss (the mean
+    cross-entropy of the sampled sub-networks, so the weights adapt to them), the policy's loss, the sampled costs
+    and the logits."""
+    masks = policy.sample(k)
+    n = len(x)
+    logits = model(x.repeat(k, 1, 1, 1), [g.repeat_interleave(n, 0) for g in policy.split(masks)])
+    ce = F.cross_entropy(logits.float(), y.repeat(k), reduction='none').view(k, n).mean(1)
+    cost = torch.stack([c(policy.kept(masks)) for c in costs.values()], 1)  # (K, J), evaluated, not differentiated
+    return ce.mean(), reinforce_loss(policy, masks, -ce.detach(), cost, budget, lam), cost, logits
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. The dual step
+# ---------------------------------------------------------------------------------------------------------------------
+# Plain projected ascent, lambda_j <- max(0, lambda_j + eta (mean_k C_j(m_k) - b_j)), integrates the violation: while
+# the cost starts far over a small budget (0.8 against 0.1, say) lambda grows for a long time, and once the budget is
+# met it can shrink only by eta * b_j per step, so the policy keeps being pushed far below the budget. Damping
+# (Platt & Barr 1988; the PI-Lagrangian of Stooke et al. 2020) adds a term proportional to the current violation,
+# which takes pressure off as soon as the cost falls under the budget, and the violation is measured relative to the
+# budget, (C - b) / b, so the step means the same for a budget of 0.1 and one of 0.5.
+
+def dual_step(integral, cost, budget, eta, damping):
+    """Returns the new integral term and the multipliers lambda_j = max(0, I_j + damping * e_j), e = (C - b) / b."""
+    error = (cost - budget) / budget
+    integral = (integral + eta * error).clamp(min=0)   # I_j <- max(0, I_j + eta e_j): projected dual ascent
+    return integral, (integral + damping * error).clamp(min=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. The final mask: most probable channels first, as many as every budget allows, at least one per group
+# ---------------------------------------------------------------------------------------------------------------------
+
+def minimal_mask(policy):
+    """One channel per group, the most probable: the smallest network there is."""
+    p, m = torch.sigmoid(policy.theta.detach()), torch.zeros_like(policy.theta.detach())
+    for g, offset in zip(p.split(policy.widths), [0, *torch.tensor(policy.widths).cumsum(0)[:-1].tolist()]):
+        m[offset + g.argmax()] = 1
+    return m
+
+
+def within(policy, costs, budget, mask):
+    return all(c(policy.kept(mask[None]))[0].item() <= b for c, b in zip(costs.values(), budget.tolist()))
+
+
+def final_mask(policy, costs, budget):
+    """Rank channels by keep-probability and keep the longest prefix of the ranking that meets every budget. Costs
+    never fall when a channel is added, so the prefix is found by bisection: about log2(channels) evaluations."""
+    order = torch.sigmoid(policy.theta.detach()).argsort(descending=True)
+    base = minimal_mask(policy)
+
+    def prefix(n):
+        m = base.clone()
+        m[order[:n]] = 1
+        return m
+
+    if not within(policy, costs, budget, base):
+        fail('the budget is below the smallest network (one channel per group)')
+    lo, hi = 0, len(order)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if within(policy, costs, budget, prefix(mid)) else (lo, mid - 1)
+    return prefix(lo)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. Physical compaction
+# ---------------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def compact(model, masks):
+    """The smaller network keeping the channels where `masks` (one 0/1 vector per group) is 1, with the kept weights
+    and BN statistics copied. In eval mode it computes what `model` computes under those masks."""
+    keep = [m.nonzero().squeeze(1) for m in masks]
+    small = build(model.arch, [len(k) for k in keep], model.num_classes).to(next(model.parameters()).device)
+    for big, little in zip(units(model), units(small)):
+        for t, target in zip(big.state_dict().values(), little.state_dict().values()):
+            for d, g in big.dim_groups(t):
+                t = t.index_select(d, keep[g])
+            target.copy_(t)
+    return small
+
+
+def save_model(model, path, mean, std):
+    """A plain dict that torch.load(..., weights_only=True) opens; load_pruned rebuilds the network from it."""
+    torch.save({'arch': model.arch, 'num_classes': model.num_classes, 'widths': model.widths,
+                'state_dict': model.state_dict(), 'mean': mean.tolist(), 'std': std.tolist()}, path)
+
+
+def load_pruned(path, device='cpu'):
+    """The network stored by this script (pruned.pt or dense.pt) as an nn.Module in eval mode. Inputs are 32x32
+    images normalised with the checkpoint's `mean` and `std` (per channel, pixel values in [0, 1])."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    model = build(ckpt['arch'], ckpt['widths'], ckpt['num_classes']).to(device)
+    model.load_state_dict(ckpt['state_dict'])
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 8. Data and training loops
+# ---------------------------------------------------------------------------------------------------------------------
+# The whole dataset lives on the device as one uint8 tensor; batches are gathered, normalised and augmented there as
+# batched tensor ops (no per-image PIL work, no DataLoader). On CUDA: channels_last and bf16 autocast.
+
+def read_image_folder(root):
+    """An ImageFolder directory as (uint8 images (N, 3, 32, 32), labels, class names); images resized to 32x32."""
+    import numpy as np
+    import torchvision
+    ds = torchvision.datasets.ImageFolder(root)
+    x = np.stack([np.asarray(ds.loader(p).resize((32, 32))) for p, _ in ds.samples])
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
+
+
+def image_folder_splits(data):
+    """train/ and test/ (or val/) of an ImageFolder directory and its number of classes, checked without reading
+    any image."""
+    test = next((os.path.join(data, s) for s in ('test', 'val') if os.path.isdir(os.path.join(data, s))), None)
+    if not os.path.isdir(os.path.join(data, 'train')) or test is None:
+        fail(f"--data {data}: expected an ImageFolder directory with train/ and test/ (or val/) subfolders")
+    import torchvision
+    classes = []
+    for split in (os.path.join(data, 'train'), test):
+        try:
+            classes.append(torchvision.datasets.ImageFolder(split).classes)
+        except (FileNotFoundError, OSError) as e:
+            fail(f"--data {data}: {split} holds no images in class subfolders ({str(e).splitlines()[0]})")
+    if classes[0] != classes[1]:
+        fail(f"--data {data}: train/ and test/ have different classes")
+    return os.path.join(data, 'train'), test, len(classes[0])
+
+
+def load_data(args, device):
+    """{'train': (x, y), 'test': (x, y), 'classes': n, 'mean': ..., 'std': ...}, all on `device`."""
+    if args.data:
+        train_dir, test_dir, _ = image_folder_splits(args.data)
+        (xtr, ytr, classes), (xte, yte, _) = read_image_folder(train_dir), read_image_folder(test_dir)
+    else:
+        import torchvision
+        cls = torchvision.datasets.CIFAR10 if args.dataset == 'cifar10' else torchvision.datasets.CIFAR100
+        try:
+            tr, te = (cls(args.data_root, train=t, download=True) for t in (True, False))
+        except Exception as e:
+            fail(f"could not download {args.dataset} into {args.data_root} ({type(e).__name__}); without internet, "
+                 f"pass --data DIR, a folder of images in ImageFolder layout (train/ and test/)")
+        (xtr, ytr), (xte, yte) = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets))
+                                  for d in (tr, te)]
+        classes = tr.classes
+    if args.subset:
+        keep = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))[:args.subset]
+        xtr, ytr = xtr[keep], ytr[keep]
+    mean = xtr.float().mean((0, 2, 3)) / 255
+    std = xtr.float().std((0, 2, 3)) / 255
+    return {'train': (xtr.to(device), ytr.to(device)), 'test': (xte.to(device), yte.to(device)),
+            'classes': len(classes), 'mean': mean, 'std': std}
+
+
+def augment(x):
+    """Pad-4 random crop and random horizontal flip of a whole batch (N, C, H, W) at once, as one gather."""
+    n, c, h, w = x.shape
+    x = F.pad(x, (4, 4, 4, 4))  # after normalisation: pads with the mean colour
+    dev = x.device
+    i, j = torch.randint(0, 9, (n, 1, 1, 1), device=dev), torch.randint(0, 9, (n, 1, 1, 1), device=dev)
+    flip = torch.rand(n, 1, 1, 1, device=dev) < 0.5
+    cols = torch.arange(w, device=dev).view(1, 1, 1, w)
+    cols = j + torch.where(flip, w - 1 - cols, cols)
+    rows = i + torch.arange(h, device=dev).view(1, 1, h, 1)
+    return x[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1), rows, cols]
+
+
+def batches(data, split, batch_size, train):
+    """Normalised batches of one split: shuffled, augmented and without a short last batch when training."""
+    x, y = data[split]
+    mean, std = (t.to(x.device).view(1, 3, 1, 1) for t in (data['mean'], data['std']))
+    n = len(x)
+    order = torch.randperm(n, device=x.device) if train else torch.arange(n, device=x.device)
+    count = max(n // batch_size, 1) if train else math.ceil(n / batch_size)
+    for b in range(count):
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        xb = (x[idx].float() / 255 - mean) / std
+        if train:
+            xb = augment(xb)
+        if x.is_cuda:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        yield xb, y[idx]
+
+
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+
+
+@torch.no_grad()
+def evaluate(model, data, masks=None):
+    """Top-1 accuracy on the test split, in eval mode (BN running statistics)."""
+    model.eval()
+    device = data['test'][0].device
+    correct = torch.zeros((), device=device)
+    for xb, yb in batches(data, 'test', 1000, train=False):
+        with autocast(device):
+            correct += (model(xb, masks).argmax(1) == yb).sum()
+    model.train()
+    return correct.item() / len(data['test'][1])
+
+
+def sgd(model, lr, steps, args):
+    """SGD with Nesterov momentum and weight decay, learning rate on a cosine from `lr` to 0 over `steps`."""
+    opt = torch.optim.SGD(model.parameters(), lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1))))
+
+
+class Progress:
+    """Sums of loss, correct predictions and images (and costs) kept as device tensors, so a step never waits for the
+    device; one line is printed every `every` steps and at the end of each epoch."""
+
+    def __init__(self, phase, every, device, n_costs=0):
+        self.phase, self.every, self.images, self.start = phase, every, 0, time.time()
+        self.sums = torch.zeros(3 + n_costs, device=device, dtype=torch.float64)
+        self.tick, self.seen = time.time(), 0
+
+    def add(self, loss, logits, y, cost=None):
+        extra = [] if cost is None else [c * len(y) for c in cost.mean(0)]
+        self.sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                  torch.tensor(len(y), device=y.device, dtype=torch.float64), *extra])
+        self.images += len(y)
+
+    def print(self, epoch, step, steps, **fields):
+        s = self.sums.tolist()
+        now = time.time()
+        line = (f"{self.phase} epoch {epoch} step {step}/{steps} loss {s[0] / s[2]:.3f} acc {s[1] / s[2]:.3f} "
+                f"img/s {(self.images - self.seen) / (now - self.tick):.0f}")
+        for k, v in fields.items():
+            line += f" {k} {v}"
+        print(line, flush=True)
+        self.sums.zero_()
+        self.tick, self.seen = now, self.images
+
+    def maybe_print(self, epoch, step, steps, last, **fields):
+        if step % self.every == 0 or last:
+            self.print(epoch, step, steps, **{k: f() for k, f in fields.items()})
+
+    def rate(self):
+        return self.images / (time.time() - self.start)
+
+
+def train(model, data, epochs, lr, args, phase):
+    """Supervised training of a whole network (the dense one, then the compact one)."""
+    device = data['train'][0].device
+    per_epoch = max(len(data['train'][1]) // args.batch_size, 1)
+    opt, sched = sgd(model, lr, epochs * per_epoch, args)
+    net = torch.compile(model) if args.compile else model
+    progress = Progress(phase, args.log_every, device)
+    model.train()
+    for epoch in range(1, epochs + 1):
+        for step, (x, y) in enumerate(batches(data, 'train', args.batch_size, train=True), 1):
+            with autocast(device):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            progress.add(loss, logits, y)
+            progress.maybe_print(epoch, step, per_epoch, step == per_epoch)
+    return progress.rate() if epochs else 0.0
+
+
+def prune(model, policy, costs, budget, data, args):
+    """The CRL pruning phase: policy gradient on theta, dual ascent on lambda and SGD on the weights, every step.
+    A pruning epoch processes as many images as a dense epoch: batch_size / K distinct images per step, each seen
+    under all K masks."""
+    device = data['train'][0].device
+    k = args.samples
+    n = max(args.batch_size // k, 1)
+    per_epoch = max(len(data['train'][1]) // (n * k), 1)
+    opt_w, sched = sgd(model, args.prune_lr, args.prune_epochs * per_epoch, args)
+    opt_p = torch.optim.Adam(policy.parameters(), args.policy_lr)
+    integral = lam = torch.zeros_like(budget)
+    net = torch.compile(model) if args.compile else model
+    progress = Progress('prune', args.log_every, device, len(budget))
+    names = list(costs)
+    model.train()
+    for epoch in range(1, args.prune_epochs + 1):
+        for step, (x, y) in zip(range(1, per_epoch + 1), batches(data, 'train', n, train=True)):
+            with autocast(device):
+                loss, policy_loss, cost, logits = crl_step(net, policy, costs, budget, lam, x, y, k)
+            opt_w.zero_grad(set_to_none=True)
+            opt_p.zero_grad(set_to_none=True)
+            (loss + policy_loss).backward()
+            opt_w.step()
+            opt_p.step()
+            sched.step()
+            integral, lam = dual_step(integral, cost.mean(0), budget, args.dual_lr, args.damping)
+            progress.add(loss, logits, y.repeat(k), cost)
+            progress.maybe_print(
+                epoch, step, per_epoch, step == per_epoch,
+                cost=lambda: ' '.join(f"{nm}={v / progress.sums[2].item():.3f}"
+                                      for nm, v in zip(names, progress.sums[3:].tolist())),
+                lam=lambda: ' '.join(f"{nm}={v:.3f}" for nm, v in zip(names, lam.tolist())),
+                keep=lambda: f"{torch.sigmoid(policy.theta).mean().item():.3f}")
+    return progress.rate() if args.prune_epochs else 0.0, lam
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 9. Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description='Prune a CIFAR network under a budget with constrained RL.')
+    p.error = fail  # bad arguments: one line, like every other bad input
+    p.add_argument('--arch', default='vgg16', help=f"one of {', '.join(ARCHS)}")
+    p.add_argument('--budget', default='params=0.1',
+                   help="comma-separated name=fraction of the dense network, names: params, macs (e.g. params=0.1,macs=0.5)")
+    p.add_argument('--dataset', default='cifar10', choices=['cifar10', 'cifar100'], help='torchvision dataset')
+    p.add_argument('--data', help='an ImageFolder directory with train/ and test/ (or val/); replaces --dataset')
+    p.add_argument('--data-root', default='./data', help='where --dataset is downloaded')
+    p.add_argument('--subset', type=int, default=0, help='train on this many training images only (0: all)')
+    p.add_argument('--pretrained', help='a dense checkpoint (dense.pt of an earlier run): skips dense training')
+    p.add_argument('--width', type=float, default=1.0, help='multiplier of every layer width')
+    p.add_argument('--dense-epochs', type=int, default=60)
+    p.add_argument('--prune-epochs', type=int, default=20)
+    p.add_argument('--finetune-epochs', type=int, default=30)
+    p.add_argument('--batch-size', type=int, default=256)
+    p.add_argument('--lr', type=float, default=0.1, help='peak learning rate of dense training and fine-tuning')
+    p.add_argument('--prune-lr', type=float, default=0.02, help='peak learning rate of the weights while pruning')
+    p.add_argument('--wd', type=float, default=5e-4, help='weight decay')
+    p.add_argument('--samples', type=int, default=8, help='K, masks sampled per pruning step')
+    p.add_argument('--policy-lr', type=float, default=0.05, help='Adam learning rate of the policy logits')
+    p.add_argument('--dual-lr', type=float, default=0.01, help='eta, step of the dual ascent')
+    p.add_argument('--damping', type=float, default=1.0, help='weight of the proportional term of the multipliers')
+    p.add_argument('--init-keep', type=float, default=0.9, help='initial keep-probability of every channel')
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    p.add_argument('--compile', action='store_true', help='torch.compile the training steps')
+    p.add_argument('--speed', action='store_true', help='also time inference of the dense and the pruned network')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--log-every', type=int, default=100, help='steps between progress lines')
+    p.add_argument('--out', help='output directory (default: runs/ARCH-BUDGET)')
+    p.add_argument('--overwrite', action='store_true', help='replace the results already in --out')
+    args = p.parse_args(argv)
+    if args.arch not in ARCHS:
+        fail(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
+    args.budget_dict = parse_budget(args.budget)
+    for name in ('dense_epochs', 'prune_epochs', 'finetune_epochs', 'subset'):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ('width', 'batch_size', 'lr', 'prune_lr', 'policy_lr', 'log_every'):
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be > 0")
+    if args.samples < 2:
+        fail('--samples must be >= 2 (the baseline of each mask is the mean reward of the others)')
+    if not 0 < args.init_keep < 1:
+        fail('--init-keep must be in (0, 1)')
+    args.out = args.out or os.path.join('runs', f"{args.arch}-{args.budget.replace('=', '').replace(',', '-')}")
+    return args
+
+
+def parse_budget(text):
+    """'params=0.1,macs=0.5' -> {'params': 0.1, 'macs': 0.5}; fractions of the dense network in (0, 1]."""
+    budget = {}
+    for item in text.split(','):
+        name, _, value = item.partition('=')
+        name = name.strip()
+        if name not in COSTS:
+            fail(f"--budget {text!r}: unknown cost {name!r}; use {' or '.join(COSTS)}, e.g. params=0.1")
+        try:
+            budget[name] = float(value)
+        except ValueError:
+            fail(f"--budget {text!r}: {value!r} is not a number; write name=fraction, e.g. params=0.1")
+        if not 0 < budget[name] <= 1:
+            fail(f"--budget {text!r}: {name} must be a fraction of the dense network in (0, 1]")
+    return budget
+
+
+def load_dense(args, model):
+    """Weights of --pretrained into `model`; any mismatch is a one-line error."""
+    try:
+        ckpt = torch.load(args.pretrained, map_location='cpu', weights_only=True)
+        state = ckpt['state_dict'] if isinstance(ckpt, dict) and 'state_dict' in ckpt else ckpt
+        model.load_state_dict(state)
+    except Exception as e:
+        fail(f"--pretrained {args.pretrained}: cannot load it into a dense {args.arch} of width {args.width} "
+             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+
+
+@torch.no_grad()
+def inference_speed(model, device, repeats=20):
+    """Median latency at batch 1 (ms) and throughput at batch 512 (images/s), in eval mode, after warm-up."""
+    model.eval()
+    fmt = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+    result = {}
+    for batch in (1, 512):
+        x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+        times = []
+        for i in range(repeats + 3):
+            if device.type == 'cuda':
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                with autocast(device):
+                    model(x)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1000)
+            else:
+                t = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - t)
+        median = sorted(times[3:])[len(times[3:]) // 2]
+        result['latency_ms_batch1' if batch == 1 else 'images_per_s_batch512'] = \
+            median * 1000 if batch == 1 else batch / median
+    model.train()
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
+    outputs = [os.path.join(args.out, f) for f in ('results.json', 'dense.pt', 'pruned.pt')]
+    if not args.overwrite and any(os.path.exists(f) for f in outputs):
+        fail(f"--out {args.out} already holds results; pass --overwrite to replace them or choose another --out")
+    classes = image_folder_splits(args.data)[2] if args.data else {'cifar10': 10, 'cifar100': 100}[args.dataset]
+    if args.pretrained and not os.path.isfile(args.pretrained):
+        fail(f"--pretrained {args.pretrained}: no such file")
+    torch.manual_seed(args.seed)
+
+    # The dense network, its costs and the budget's feasibility: all checked before any data is read.
+    widths = dense_widths(args.arch, args.width)
+    model = build(args.arch, widths, classes)
+    if args.pretrained:
+        load_dense(args, model)
+    budget_names = list(args.budget_dict)
+    costs = make_costs(model, budget_names)
+    budget = torch.tensor(list(args.budget_dict.values()), dtype=torch.float64)
+    policy = Policy(widths, args.init_keep)
+    if not within(policy, costs, budget, minimal_mask(policy)):
+        fail(f"--budget {args.budget}: infeasible, even one channel per group costs more")
+
+    t0 = time.time()
+    data = load_data(args, device)
+    times = {'data': time.time() - t0}
+    model.to(device)
+    if device.type == 'cuda':
+        model.to(memory_format=torch.channels_last)
+    os.makedirs(args.out, exist_ok=True)
+    print(f"{args.arch} width {args.width}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{len(data['train'][1])} train / {len(data['test'][1])} test images, {data['classes']} classes, {device}")
+
+    # 1. the dense network
+    t0 = time.time()
+    rate = {'dense': train(model, data, 0 if args.pretrained else args.dense_epochs, args.lr, args, 'dense')}
+    times['dense'] = time.time() - t0
+    save_model(model, outputs[1], data['mean'], data['std'])
+    dense_acc = evaluate(model, data)
+    print(f"dense accuracy {dense_acc:.4f}")
+
+    # 2. CRL: learn the keep-probabilities under the budget while the weights adapt
+    budget, policy = budget.to(device), policy.to(device)
+    t0 = time.time()
+    rate['prune'], lam = prune(model, policy, costs, budget, data, args)
+    times['prune'] = time.time() - t0
+
+    # 3. the final mask, physically compacted, then fine-tuned
+    mask = final_mask(policy, costs, budget)
+    small = compact(model, policy.split(mask))
+    if device.type == 'cuda':
+        small.to(memory_format=torch.channels_last)
+    acc_before = evaluate(small, data)
+    print(f"compact network kept {small.widths}; accuracy before fine-tuning {acc_before:.4f}")
+    t0 = time.time()
+    rate['finetune'] = train(small, data, args.finetune_epochs, args.lr, args, 'finetune')
+    times['finetune'] = time.time() - t0
+    pruned_acc = evaluate(small, data)
+    save_model(small, outputs[2], data['mean'], data['std'])
+
+    (dp, dm), (pp, pm) = measure(model), measure(small)
+    fractions = {'params': pp / dp, 'macs': pm / dm}
+    results = {
+        'arch': args.arch, 'width': args.width, 'data': args.data or args.dataset, 'device': str(device),
+        'budget': args.budget_dict,
+        'budget_met': all(fractions[k] <= b for k, b in args.budget_dict.items()),
+        'dense': {'params': dp, 'macs': dm, 'accuracy': dense_acc},
+        'pruned': {'params': pp, 'macs': pm, 'accuracy': pruned_acc, 'accuracy_before_finetune': acc_before,
+                   'params_fraction': fractions['params'], 'macs_fraction': fractions['macs']},
+        'channels': dict(zip(model.group_names, small.widths)),
+        'dense_channels': dict(zip(model.group_names, model.widths)),
+        'keep_probability_mean': torch.sigmoid(policy.theta).mean().item(),
+        'multipliers': dict(zip(budget_names, lam.tolist())),
+        'time_s': times, 'images_per_s': rate, 'args': {k: v for k, v in vars(args).items() if k != 'budget_dict'},
+    }
+    if args.speed:
+        results['speed'] = {'dense': inference_speed(model, device), 'pruned': inference_speed(small, device)}
+    with open(outputs[0], 'w') as f:
+        json.dump(results, f, indent=2)
+    print(f"dense  {dp:,} params {dm:,} MACs accuracy {dense_acc:.4f}\n"
+          f"pruned {pp:,} params ({fractions['params']:.3f}) {pm:,} MACs ({fractions['macs']:.3f}) "
+          f"accuracy {pruned_acc:.4f}; budget met: {results['budget_met']}; results in {args.out}")
+    return results
+
+
+if __name__ == '__main__':
+    main()
