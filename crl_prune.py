@@ -463,7 +463,7 @@ def evaluate(model, data, masks=None):
 def sgd(model, lr, steps, args):
     """SGD with Nesterov momentum and weight decay, learning rate on a cosine from `lr` to 0 over `steps`."""
     opt = torch.optim.SGD(model.parameters(), lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1))))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1))))
 
 
 class Progress:

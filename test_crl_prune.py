@@ -1,0 +1,363 @@
+"""Tests of crl_prune.py, on the CPU, on small data the tests make themselves."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import crl_prune as crl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def randomise_bn(model):
+    """BN with non-trivial statistics and affine parameters, so that compaction must copy them right."""
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+            nn.init.normal_(m.weight)
+            nn.init.normal_(m.bias)
+    return model
+
+
+def random_mask(policy, keep=0.5):
+    """A random 0/1 mask with at least one channel per group."""
+    return torch.maximum((torch.rand(sum(policy.widths)) < keep).float(), crl.minimal_mask(policy))
+
+
+# --- 1. models with channel masks --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('arch', ['vgg11', 'resnet18'])
+def test_masks_zero_exactly_the_masked_channels(arch):
+    torch.manual_seed(0)
+    model = randomise_bn(crl.build(arch, crl.dense_widths(arch, 0.125), 10)).train()
+    policy = crl.Policy(model.widths, 0.5)
+    masks = policy.sample(2)  # two samples, two different masks
+    outputs = []
+    for u in crl.units(model):
+        u.register_forward_hook(lambda u, i, o: outputs.append((u, o)))
+    model(torch.randn(2, 3, 32, 32), list(policy.split(masks)))
+    per_group = policy.split(masks)
+    checked = 0
+    for u, o in outputs:
+        if u.out is None:
+            continue
+        o = o.view(2, o.shape[1], -1)
+        dropped, kept = per_group[u.out] == 0, per_group[u.out] == 1
+        assert (o[dropped] == 0).all()               # every masked channel is exactly zero ...
+        assert (o[kept].abs().sum(-1) > 0).all()     # ... and no kept channel is
+        checked += int(dropped.sum())
+    assert checked > 0
+
+
+@pytest.mark.parametrize('arch', crl.ARCHS)
+def test_compaction_gives_the_masked_networks_outputs(arch):
+    torch.manual_seed(1)
+    model = randomise_bn(crl.build(arch, crl.dense_widths(arch, 0.125), 7))
+    policy = crl.Policy(model.widths, 0.5)
+    mask = random_mask(policy)
+    small = crl.compact(model, policy.split(mask))
+    assert small.widths == policy.kept(mask).tolist()
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    model.eval(), small.eval()
+    x = torch.randn(5, 3, 32, 32)
+    masked = model(x, [g[None] for g in policy.split(mask)])
+    torch.testing.assert_close(small(x), masked, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(model(x), masked)  # the mask did change the outputs
+
+
+def test_resnet_residual_sums_share_one_group():
+    model = crl.build('resnet18', crl.dense_widths('resnet18'), 10)
+    for block in model.blocks:
+        assert block.conv1.out != block.conv2.out
+        assert block.conv2.out == (block.shortcut.out if block.shortcut else block.conv1.inp)
+    assert model.blocks[0].conv1.inp == model.stem.out == 0
+    assert sorted({b.conv1.out for b in model.blocks}) == list(range(4, 12))
+
+
+# --- 2. costs ----------------------------------------------------------------------------------------------------------
+
+def test_dense_counts_match_the_published_figures():
+    vgg = crl.build('vgg16', crl.dense_widths('vgg16'), 10)
+    params, macs = crl.measure(vgg)
+    assert params == 14_987_210            # about 14.99M, BN and classifier included
+    assert macs == 313_463_808             # 313.5M (conv and linear), HRank: 313.73M
+    resnet = crl.build('resnet18', crl.dense_widths('resnet18'), 10)
+    params, macs = crl.measure(resnet)
+    assert params == 11_173_962            # about 11.17M
+    assert round(macs / 1e9, 2) == 0.56    # 0.56G
+
+
+def test_measure_is_an_independent_count():
+    # VGG11 with 4 channels everywhere and 2 classes, counted by hand: eight conv3x3 (no bias) each with BN(4),
+    # then linear 4->4 (no bias), BN1d(4), linear 4->2 (with bias)
+    m = crl.build('vgg11', [4] * 9, 2)
+    conv_params = 3 * 4 * 9 + 7 * 4 * 4 * 9
+    conv_macs = 3 * 4 * 9 * 32 * 32 + 4 * 4 * 9 * (16 * 16 + 8 * 8 * 2 + 4 * 4 * 2 + 2 * 2 * 2)
+    assert crl.measure(m) == (conv_params + 8 * 2 * 4 + 16 + 2 * 4 + 10, conv_macs + 16 + 8)
+
+
+@pytest.mark.parametrize('arch', crl.ARCHS)
+def test_costs_equal_counts_on_the_compact_network(arch):
+    torch.manual_seed(2)
+    model = crl.build(arch, crl.dense_widths(arch, 0.25), 10)
+    costs = crl.make_costs(model, ['params', 'macs'])
+    policy = crl.Policy(model.widths, 0.5)
+    dense_params, dense_macs = crl.measure(model)
+    masks = torch.stack([random_mask(policy, keep) for keep in (0.1, 0.5, 0.9)])
+    for mask, p, m in zip(masks, costs['params'](policy.kept(masks)), costs['macs'](policy.kept(masks))):
+        params, macs = crl.measure(crl.compact(model, policy.split(mask)))
+        assert p.item() == pytest.approx(params / dense_params, abs=1e-12)
+        assert m.item() == pytest.approx(macs / dense_macs, abs=1e-12)
+    full = torch.tensor([model.widths])
+    assert costs['params'](full).item() == 1.0 and costs['macs'](full).item() == 1.0
+
+
+# --- 3-5. policy, REINFORCE, dual step ----------------------------------------------------------------------------------
+
+def test_dual_step_raises_over_budget_and_falls_to_zero_under():
+    budget = torch.tensor([0.2], dtype=torch.float64)
+    integral = lam = torch.zeros(1, dtype=torch.float64)
+    for _ in range(10):
+        integral, new = crl.dual_step(integral, torch.tensor([0.5], dtype=torch.float64), budget, 0.1, 1.0)
+        assert new > lam
+        lam = new
+    for _ in range(200):
+        integral, new = crl.dual_step(integral, torch.tensor([0.1], dtype=torch.float64), budget, 0.1, 1.0)
+        assert new <= lam
+        lam = new
+    assert lam.item() == 0 and integral.item() == 0  # projected: never negative
+
+
+def test_reinforce_learns_which_channels_pay():
+    torch.manual_seed(0)
+    policy = crl.Policy([6, 4], 0.5)
+    value = torch.tensor([1., 1, 1, -1, -1, -1, 1, -1, 1, -1])  # keeping channel c earns value[c]
+    opt = torch.optim.Adam(policy.parameters(), 0.1)
+    none = torch.zeros(0, dtype=torch.float64)
+    for _ in range(300):
+        masks = policy.sample(8)
+        loss = crl.reinforce_loss(policy, masks, masks @ value, torch.zeros(8, 0, dtype=torch.float64), none, none)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p = torch.sigmoid(policy.theta)
+    assert (p[value > 0] > 0.9).all() and (p[value < 0] < 0.1).all()
+
+
+def test_lagrangian_meets_a_budget_with_the_most_valuable_channels():
+    """Every channel is worth keeping, some more than others, but only 30% may be kept: the multiplier must rise
+    until the expected cost sits at the budget, and the kept channels must be the valuable ones."""
+    torch.manual_seed(0)
+    policy = crl.Policy([20], 0.9)
+    value = torch.linspace(0.01, 0.2, 20)
+    cost = {'share': lambda kept: kept[:, :1].double() / 20}
+    budget = torch.tensor([0.3], dtype=torch.float64)
+    opt = torch.optim.Adam(policy.parameters(), 0.05)
+    integral = lam = torch.zeros(1, dtype=torch.float64)
+    expected = []
+    for _ in range(1500):
+        masks = policy.sample(16)
+        c = cost['share'](policy.kept(masks))
+        loss = crl.reinforce_loss(policy, masks, masks @ value, c, budget, lam)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        integral, lam = crl.dual_step(integral, c.mean(0), budget, 0.01, 1.0)
+        expected.append(torch.sigmoid(policy.theta).mean().item())
+    assert lam.item() > 0
+    assert abs(sum(expected[-300:]) / 300 - 0.3) < 0.05
+    kept = crl.final_mask(policy, cost, budget)
+    assert kept.sum() == 6 and kept[-6:].sum() >= 5  # the budget is used, mostly by the most valuable channels
+
+
+# --- 6. final mask ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('arch', ['vgg16', 'resnet18'])
+def test_final_mask_meets_and_uses_random_budgets(arch):
+    torch.manual_seed(3)
+    model = crl.build(arch, crl.dense_widths(arch, 0.25), 10)
+    costs = crl.make_costs(model, ['params', 'macs'])
+    policy = crl.Policy(model.widths, 0.5)
+    for trial in range(10):
+        policy.theta.data.normal_(0, 2)
+        budget = torch.empty(2, dtype=torch.float64).uniform_(0.02, 0.9)
+        mask = crl.final_mask(policy, costs, budget)
+        kept = policy.kept(mask[None])
+        assert (kept >= 1).all()
+        within = [c(kept).item() <= b for c, b in zip(costs.values(), budget.tolist())]
+        assert all(within)
+        # the budget is used: the next channel in the ranking would break it
+        order = torch.sigmoid(policy.theta).argsort(descending=True)
+        nxt = next(i for i in order.tolist() if mask[i] == 0)
+        more = mask.clone()
+        more[nxt] = 1
+        assert not crl.within(policy, costs, budget, more)
+
+
+def test_final_mask_rejects_an_infeasible_budget():
+    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.25), 10)
+    costs = crl.make_costs(model, ['params'])
+    with pytest.raises(SystemExit, match='smallest network'):
+        crl.final_mask(crl.Policy(model.widths, 0.5), costs, torch.tensor([1e-5], dtype=torch.float64))
+
+
+# --- 8. data -------------------------------------------------------------------------------------------------------------
+
+def test_augment_is_a_shifted_possibly_flipped_window():
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    out = crl.augment(x)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for a, p in zip(out, padded):
+        windows = [p[:, i:i + 8, j:j + 8] for i in range(9) for j in range(9)]
+        assert any(torch.equal(a, w) or torch.equal(a, w.flip(-1)) for w in windows)
+    assert not torch.equal(out, x)
+
+
+def write_image_folder(root, classes=3, train=12, test=6, size=32):
+    """Tiny ImageFolder: each class a distinct colour plus noise, so a network can learn it."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, n in (('train', train), ('test', test)):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f'class{c}'), exist_ok=True)
+            for i in range(n):
+                img = torch.rand(size, size, 3, generator=g) * 80
+                img[..., c % 3] += 150
+                Image.fromarray(img.byte().numpy()).save(os.path.join(root, split, f'class{c}', f'{i}.png'))
+    return str(root)
+
+
+def test_image_folder_loader(tmp_path):
+    root = write_image_folder(tmp_path / 'data', size=40)
+    args = crl.parse_args(['--data', root])
+    data = crl.load_data(args, torch.device('cpu'))
+    x, y = data['train']
+    assert x.shape == (36, 3, 32, 32) and x.dtype == torch.uint8
+    assert data['classes'] == 3 and sorted(y.unique().tolist()) == [0, 1, 2]
+    assert data['test'][0].shape == (18, 3, 32, 32)
+    assert (x[y == 1][:, 1].float().mean() > x[y == 1][:, 0].float().mean() + 100)  # labels follow the folders
+    xb, yb = next(crl.batches(data, 'train', 8, train=True))
+    assert xb.shape == (8, 3, 32, 32) and abs(xb.mean().item()) < 1
+
+
+def test_download_failure_names_data(tmp_path, monkeypatch, capsys):
+    import torchvision
+
+    def offline(*a, **k):
+        raise OSError('no network')
+    monkeypatch.setattr(torchvision.datasets, 'CIFAR10', offline)
+    args = crl.parse_args(['--data-root', str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        crl.load_data(args, torch.device('cpu'))
+    assert '--data' in str(e.value.code) and '\n' not in str(e.value.code)
+
+
+# --- 9. bad input ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny(tmp_path):
+    return write_image_folder(tmp_path / 'data')
+
+
+TINY = ['--arch', 'vgg11', '--width', '0.0625', '--dense-epochs', '1', '--prune-epochs', '1',
+        '--finetune-epochs', '1', '--batch-size', '12', '--samples', '2', '--log-every', '1']
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--arch', 'vgg17'], 'unknown --arch'),
+    (['--budget', 'params=abc'], 'not a number'),
+    (['--budget', 'params=0'], 'in (0, 1]'),
+    (['--budget', 'params=1.5'], 'in (0, 1]'),
+    (['--budget', 'foo=0.1'], 'unknown cost'),
+    (['--budget', 'params=1e-6'], 'infeasible'),
+    (['--width', '0'], '--width'),
+    (['--samples', '1'], '--samples'),
+    (['--no-such-flag'], 'unrecognized'),
+])
+def test_bad_arguments_fail_with_one_line(tmp_path, tiny, args, message):
+    with pytest.raises(SystemExit) as e:
+        crl.main(['--data', tiny, '--out', str(tmp_path / 'out'), *args])
+    assert message in str(e.value.code) and '\n' not in str(e.value.code)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_bad_data_and_checkpoints(tmp_path, tiny):
+    out = str(tmp_path / 'out')
+    cases = [(['--data', str(tmp_path / 'missing')], 'train/ and test/'),
+             (['--data', str(tmp_path)], 'train/ and test/')]
+    empty = tmp_path / 'empty'
+    (empty / 'train' / 'a').mkdir(parents=True)
+    (empty / 'test' / 'a').mkdir(parents=True)
+    cases.append((['--data', str(empty)], 'holds no images'))
+    garbage = tmp_path / 'garbage.pt'
+    garbage.write_bytes(b'not a checkpoint')
+    cases.append((['--data', tiny, '--pretrained', str(garbage)], 'cannot load'))
+    cases.append((['--data', tiny, '--pretrained', str(tmp_path / 'nope.pt')], 'no such file'))
+    wrong = tmp_path / 'wrong.pt'
+    torch.save({'state_dict': crl.build('vgg13', crl.dense_widths('vgg13', 0.0625), 3).state_dict()}, wrong)
+    cases.append((['--data', tiny, '--pretrained', str(wrong)], 'cannot load'))
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            crl.main([*TINY, '--out', out, *args])
+        assert message in str(e.value.code), args
+        assert not os.path.exists(out)
+
+
+def test_existing_results_are_not_overwritten(tmp_path, tiny):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'results.json').write_text('precious')
+    with pytest.raises(SystemExit, match='--overwrite'):
+        crl.main([*TINY, '--data', tiny, '--out', str(out)])
+    assert (out / 'results.json').read_text() == 'precious'
+
+
+def test_cli_error_is_one_line_on_stderr_with_nonzero_exit():
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'crl_prune.py'), '--budget', 'params=abc'],
+                       capture_output=True, text=True, cwd=HERE)
+    assert r.returncode != 0
+    assert r.stderr.strip().count('\n') == 0 and 'params=abc' in r.stderr and r.stdout == ''
+
+
+# --- end to end -------------------------------------------------------------------------------------------------------------
+
+def test_end_to_end_tiny_run(tmp_path, tiny):
+    out = tmp_path / 'out'
+    results = crl.main([*TINY, '--data', tiny, '--out', str(out), '--budget', 'params=0.3,macs=0.5', '--speed'])
+    saved = json.loads((out / 'results.json').read_text())
+    assert saved['budget_met'] is True and saved['budget'] == {'params': 0.3, 'macs': 0.5}
+    assert saved['pruned']['params'] <= 0.3 * saved['dense']['params']
+    assert saved['pruned']['macs'] <= 0.5 * saved['dense']['macs']
+    for part in ('dense', 'pruned'):
+        assert {'params', 'macs', 'accuracy'} <= set(saved[part])
+    assert set(saved['time_s']) >= {'dense', 'prune', 'finetune'}
+    assert list(saved['channels']) == [f'conv{i}' for i in range(1, 9)] + ['fc1']
+    ckpt = torch.load(out / 'pruned.pt', weights_only=True)
+    assert ckpt['widths'] == list(saved['channels'].values())
+    small = crl.load_pruned(out / 'pruned.pt')
+    assert sum(p.numel() for p in small.parameters()) == saved['pruned']['params']
+    dense = crl.load_pruned(out / 'dense.pt')
+    assert sum(p.numel() for p in dense.parameters()) == saved['dense']['params']
+    assert results['pruned']['accuracy'] == saved['pruned']['accuracy']
+    # the dense checkpoint can seed a second run, which then skips dense training
+    again = crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / 'again'), '--pretrained', str(out / 'dense.pt'),
+                      '--prune-epochs', '0', '--finetune-epochs', '0'])
+    assert again['dense']['accuracy'] == saved['dense']['accuracy']
+
+
+def test_script_runs_resnet18_from_the_command_line(tmp_path, tiny):
+    out = tmp_path / 'out'
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'crl_prune.py'), *TINY, '--arch', 'resnet18',
+                        '--data', tiny, '--out', str(out), '--budget', 'macs=0.4'],
+                       capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 0, r.stderr
+    assert 'prune epoch 1' in r.stdout and 'lam macs=' in r.stdout
+    saved = json.loads((out / 'results.json').read_text())
+    assert saved['budget_met'] and saved['pruned']['macs'] <= 0.4 * saved['dense']['macs']
