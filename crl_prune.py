@@ -243,6 +243,23 @@ class Policy(nn.Module):
         return torch.stack([g.sum(-1) for g in self.split(masks)], -1).long()
 
 
+def keep_at_budget(widths, costs, budget):
+    """The keep-probability p0 at which the network keeping a fraction p0 of every group just meets every budget,
+    found by bisection on evaluated costs. The policy starts there rather than near the dense network: sub-networks
+    of the budget's size are sampled from the first step, and the multipliers need not first climb far (a climb
+    whose wind-up would later push the cost far below the budget)."""
+    def fits(p):
+        kept = (torch.tensor(widths) * p).round().clamp(min=1).long()[None]
+        return all(c(kept).item() <= b for c, b in zip(costs.values(), budget.tolist()))
+
+    if not fits(0.0):
+        fail('the budget is infeasible: even one channel per group costs more')
+    lo, hi = 0.0, 1.0
+    for _ in range(20):
+        lo, hi = ((lo + hi) / 2, hi) if fits((lo + hi) / 2) else (lo, (lo + hi) / 2)
+    return min(max(lo, 0.01), 0.99)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 4. REINFORCE with a baseline on the Lagrangian reward
 # ---------------------------------------------------------------------------------------------------------------------
@@ -460,6 +477,23 @@ def evaluate(model, data, masks=None):
     return correct.item() / len(data['test'][1])
 
 
+@torch.no_grad()
+def recalibrate_bn(model, data, count=20):
+    """BN running statistics of the network itself, averaged over `count` training batches: after pruning they
+    replace the statistics that many sampled masks accumulated together in the dense network."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches below
+    model.train()
+    device = data['train'][0].device
+    for _, (x, _) in zip(range(count), batches(data, 'train', 256, train=True)):
+        with autocast(device):
+            model(x)
+    for m in bns:
+        m.momentum = 0.1
+
+
 def sgd(model, lr, steps, args):
     """SGD with Nesterov momentum and weight decay, learning rate on a cosine from `lr` to 0 over `steps`."""
     opt = torch.optim.SGD(model.parameters(), lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
@@ -585,7 +619,8 @@ def parse_args(argv):
     p.add_argument('--policy-lr', type=float, default=0.05, help='Adam learning rate of the policy logits')
     p.add_argument('--dual-lr', type=float, default=0.01, help='eta, step of the dual ascent')
     p.add_argument('--damping', type=float, default=1.0, help='weight of the proportional term of the multipliers')
-    p.add_argument('--init-keep', type=float, default=0.9, help='initial keep-probability of every channel')
+    p.add_argument('--init-keep', type=float,
+                   help='initial keep-probability of every channel (default: the uniform keep ratio at the budget)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--compile', action='store_true', help='torch.compile the training steps')
     p.add_argument('--speed', action='store_true', help='also time inference of the dense and the pruned network')
@@ -605,7 +640,7 @@ def parse_args(argv):
             fail(f"--{name.replace('_', '-')} must be > 0")
     if args.samples < 2:
         fail('--samples must be >= 2 (the baseline of each mask is the mean reward of the others)')
-    if not 0 < args.init_keep < 1:
+    if args.init_keep is not None and not 0 < args.init_keep < 1:
         fail('--init-keep must be in (0, 1)')
     args.out = args.out or os.path.join('runs', f"{args.arch}-{args.budget.replace('=', '').replace(',', '-')}")
     return args
@@ -687,9 +722,8 @@ def main(argv=None):
     budget_names = list(args.budget_dict)
     costs = make_costs(model, budget_names)
     budget = torch.tensor(list(args.budget_dict.values()), dtype=torch.float64)
-    policy = Policy(widths, args.init_keep)
-    if not within(policy, costs, budget, minimal_mask(policy)):
-        fail(f"--budget {args.budget}: infeasible, even one channel per group costs more")
+    start = keep_at_budget(widths, costs, budget)  # fails if the budget is infeasible
+    policy = Policy(widths, args.init_keep or start)
 
     t0 = time.time()
     data = load_data(args, device)
@@ -720,6 +754,7 @@ def main(argv=None):
     small = compact(model, policy.split(mask))
     if device.type == 'cuda':
         small.to(memory_format=torch.channels_last)
+    recalibrate_bn(small, data)
     acc_before = evaluate(small, data)
     print(f"compact network kept {small.widths}; accuracy before fine-tuning {acc_before:.4f}")
     t0 = time.time()
