@@ -206,8 +206,8 @@ def make_costs(model, names):
                 macs = macs + n * positions if name == 'layer.weight' else macs
         return {'params': params, 'macs': macs}
 
-    dense = count(torch.tensor(model.widths))
-    return {name: (lambda w, name=name: count(w)[name].double() / dense[name].item()) for name in names}
+    dense = {k: float(v) for k, v in count(torch.tensor(model.widths)).items()}
+    return {name: (lambda w, name=name: count(w)[name].double() / dense[name]) for name in names}
 
 
 COSTS = ['params', 'macs']
@@ -241,23 +241,6 @@ class Policy(nn.Module):
     def kept(self, masks):
         """Kept widths per group, the input of every cost."""
         return torch.stack([g.sum(-1) for g in self.split(masks)], -1).long()
-
-
-def keep_at_budget(widths, costs, budget):
-    """The keep-probability p0 at which the network keeping a fraction p0 of every group just meets every budget,
-    found by bisection on evaluated costs. The policy starts there rather than near the dense network: sub-networks
-    of the budget's size are sampled from the first step, and the multipliers need not first climb far (a climb
-    whose wind-up would later push the cost far below the budget)."""
-    def fits(p):
-        kept = (torch.tensor(widths) * p).round().clamp(min=1).long()[None]
-        return all(c(kept).item() <= b for c, b in zip(costs.values(), budget.tolist()))
-
-    if not fits(0.0):
-        fail('the budget is infeasible: even one channel per group costs more')
-    lo, hi = 0.0, 1.0
-    for _ in range(20):
-        lo, hi = ((lo + hi) / 2, hi) if fits((lo + hi) / 2) else (lo, (lo + hi) / 2)
-    return min(max(lo, 0.01), 0.99)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -501,34 +484,31 @@ def sgd(model, lr, steps, args):
 
 
 class Progress:
-    """Sums of loss, correct predictions and images (and costs) kept as device tensors, so a step never waits for the
+    """Sums of loss, correct predictions (and costs) kept as one device tensor, so that a step never waits for the
     device; one line is printed every `every` steps and at the end of each epoch."""
 
     def __init__(self, phase, every, device, n_costs=0):
-        self.phase, self.every, self.images, self.start = phase, every, 0, time.time()
-        self.sums = torch.zeros(3 + n_costs, device=device, dtype=torch.float64)
-        self.tick, self.seen = time.time(), 0
+        self.phase, self.every = phase, every
+        self.sums = torch.zeros(2 + n_costs, device=device, dtype=torch.float64)
+        self.images = self.seen = 0
+        self.start = self.tick = time.time()
 
     def add(self, loss, logits, y, cost=None):
-        extra = [] if cost is None else [c * len(y) for c in cost.mean(0)]
-        self.sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                  torch.tensor(len(y), device=y.device, dtype=torch.float64), *extra])
-        self.images += len(y)
-
-    def print(self, epoch, step, steps, **fields):
-        s = self.sums.tolist()
-        now = time.time()
-        line = (f"{self.phase} epoch {epoch} step {step}/{steps} loss {s[0] / s[2]:.3f} acc {s[1] / s[2]:.3f} "
-                f"img/s {(self.images - self.seen) / (now - self.tick):.0f}")
-        for k, v in fields.items():
-            line += f" {k} {v}"
-        print(line, flush=True)
-        self.sums.zero_()
-        self.tick, self.seen = now, self.images
+        n = len(y)
+        extra = [] if cost is None else list(cost.mean(0) * n)
+        self.sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(), *extra])
+        self.images += n
 
     def maybe_print(self, epoch, step, steps, last, **fields):
-        if step % self.every == 0 or last:
-            self.print(epoch, step, steps, **{k: f() for k, f in fields.items()})
+        """fields: name -> function of the mean cost sums, called only when a line is printed."""
+        if step % self.every and not last:
+            return
+        s, n, now = self.sums.tolist(), self.images - self.seen, time.time()
+        line = (f"{self.phase} epoch {epoch} step {step}/{steps} loss {s[0] / n:.3f} acc {s[1] / n:.3f} "
+                f"img/s {n / (now - self.tick):.0f}")
+        print(' '.join([line, *(f"{k} {f([v / n for v in s[2:]])}" for k, f in fields.items())]), flush=True)
+        self.sums.zero_()
+        self.tick, self.seen = now, self.images
 
     def rate(self):
         return self.images / (time.time() - self.start)
@@ -583,12 +563,11 @@ def prune(model, policy, costs, budget, data, args):
             sched.step()
             integral, lam = dual_step(integral, cost.mean(0), budget, args.dual_lr, args.damping)
             progress.add(loss, logits, y.repeat(k), cost)
-            progress.maybe_print(
+            progress.maybe_print(  # expected cost per constraint next to its multiplier
                 epoch, step, per_epoch, step == per_epoch,
-                cost=lambda: ' '.join(f"{nm}={v / progress.sums[2].item():.3f}"
-                                      for nm, v in zip(names, progress.sums[3:].tolist())),
-                lam=lambda: ' '.join(f"{nm}={v:.3f}" for nm, v in zip(names, lam.tolist())),
-                keep=lambda: f"{torch.sigmoid(policy.theta).mean().item():.3f}")
+                cost=lambda c: ' '.join(f"{nm}={v:.3f}" for nm, v in zip(names, c)),
+                lam=lambda c: ' '.join(f"{nm}={v:.3f}" for nm, v in zip(names, lam.tolist())),
+                keep=lambda c: f"{torch.sigmoid(policy.theta).mean().item():.3f}")
     return progress.rate() if args.prune_epochs else 0.0, lam
 
 
@@ -616,11 +595,10 @@ def parse_args(argv):
     p.add_argument('--prune-lr', type=float, default=0.02, help='peak learning rate of the weights while pruning')
     p.add_argument('--wd', type=float, default=5e-4, help='weight decay')
     p.add_argument('--samples', type=int, default=8, help='K, masks sampled per pruning step')
-    p.add_argument('--policy-lr', type=float, default=0.05, help='Adam learning rate of the policy logits')
+    p.add_argument('--policy-lr', type=float, default=0.2, help='Adam learning rate of the policy logits')
     p.add_argument('--dual-lr', type=float, default=0.01, help='eta, step of the dual ascent')
-    p.add_argument('--damping', type=float, default=1.0, help='weight of the proportional term of the multipliers')
-    p.add_argument('--init-keep', type=float,
-                   help='initial keep-probability of every channel (default: the uniform keep ratio at the budget)')
+    p.add_argument('--damping', type=float, default=10.0, help='weight of the proportional term of the multipliers')
+    p.add_argument('--init-keep', type=float, default=0.9, help='initial keep-probability of every channel')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--compile', action='store_true', help='torch.compile the training steps')
     p.add_argument('--speed', action='store_true', help='also time inference of the dense and the pruned network')
@@ -640,7 +618,7 @@ def parse_args(argv):
             fail(f"--{name.replace('_', '-')} must be > 0")
     if args.samples < 2:
         fail('--samples must be >= 2 (the baseline of each mask is the mean reward of the others)')
-    if args.init_keep is not None and not 0 < args.init_keep < 1:
+    if not 0 < args.init_keep < 1:
         fail('--init-keep must be in (0, 1)')
     args.out = args.out or os.path.join('runs', f"{args.arch}-{args.budget.replace('=', '').replace(',', '-')}")
     return args
@@ -722,8 +700,9 @@ def main(argv=None):
     budget_names = list(args.budget_dict)
     costs = make_costs(model, budget_names)
     budget = torch.tensor(list(args.budget_dict.values()), dtype=torch.float64)
-    start = keep_at_budget(widths, costs, budget)  # fails if the budget is infeasible
-    policy = Policy(widths, args.init_keep or start)
+    policy = Policy(widths, args.init_keep)
+    if not within(policy, costs, budget, minimal_mask(policy)):
+        fail(f"--budget {args.budget}: infeasible, even one channel per group costs more")
 
     t0 = time.time()
     data = load_data(args, device)
