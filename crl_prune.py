@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -199,9 +198,9 @@ def make_costs(model, names):
         params = macs = 0
         for unit, positions in table:
             for name, t in unit.named_parameters():
-                n = math.prod(t.shape[d] for d in range(t.dim()) if d not in dict(unit.dim_groups(t)))
-                for _, g in unit.dim_groups(t):
-                    n = n * widths[..., g]
+                groups, n = dict(unit.dim_groups(t)), 1
+                for d, size in enumerate(t.shape):  # a dim that follows a group has that group's kept width
+                    n = n * (widths[..., groups[d]] if d in groups else size)
                 params = params + n
                 macs = macs + n * positions if name == 'layer.weight' else macs
         return {'params': params, 'macs': macs}
@@ -224,7 +223,7 @@ class Policy(nn.Module):
         self.theta = nn.Parameter(torch.full((sum(widths),), math.log(init_keep / (1 - init_keep))))
 
     def dist(self):
-        return torch.distributions.Bernoulli(logits=self.theta)
+        return torch.distributions.Bernoulli(logits=self.theta, validate_args=False)  # checks would sync the GPU
 
     def sample(self, k):
         """k masks, a (k, channels) tensor of zeros and ones."""
@@ -292,13 +291,16 @@ def dual_step(integral, cost, budget, eta, damping):
 
 def minimal_mask(policy):
     """One channel per group, the most probable: the smallest network there is."""
-    p, m = torch.sigmoid(policy.theta.detach()), torch.zeros_like(policy.theta.detach())
-    for g, offset in zip(p.split(policy.widths), [0, *torch.tensor(policy.widths).cumsum(0)[:-1].tolist()]):
-        m[offset + g.argmax()] = 1
+    p = torch.sigmoid(policy.theta.detach())
+    m, start = torch.zeros_like(p), 0
+    for w in policy.widths:
+        m[start + p[start:start + w].argmax()] = 1
+        start += w
     return m
 
 
 def within(policy, costs, budget, mask):
+    """Whether the network that keeps `mask` meets every budget."""
     return all(c(policy.kept(mask[None]))[0].item() <= b for c, b in zip(costs.values(), budget.tolist()))
 
 
@@ -480,7 +482,8 @@ def recalibrate_bn(model, data, count=20):
 def sgd(model, lr, steps, args):
     """SGD with Nesterov momentum and weight decay, learning rate on a cosine from `lr` to 0 over `steps`."""
     opt = torch.optim.SGD(model.parameters(), lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1))))
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1)))  # noqa: E731
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine)
 
 
 class Progress:
@@ -499,14 +502,14 @@ class Progress:
         self.sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(), *extra])
         self.images += n
 
-    def maybe_print(self, epoch, step, steps, last, **fields):
-        """fields: name -> function of the mean cost sums, called only when a line is printed."""
-        if step % self.every and not last:
+    def maybe_print(self, epoch, step, steps, describe=None):
+        """describe: mean costs -> the end of the line, called only when a line is printed."""
+        if step % self.every and step != steps:
             return
         s, n, now = self.sums.tolist(), self.images - self.seen, time.time()
         line = (f"{self.phase} epoch {epoch} step {step}/{steps} loss {s[0] / n:.3f} acc {s[1] / n:.3f} "
                 f"img/s {n / (now - self.tick):.0f}")
-        print(' '.join([line, *(f"{k} {f([v / n for v in s[2:]])}" for k, f in fields.items())]), flush=True)
+        print(line if describe is None else f"{line} {describe([v / n for v in s[2:]])}", flush=True)
         self.sums.zero_()
         self.tick, self.seen = now, self.images
 
@@ -532,7 +535,7 @@ def train(model, data, epochs, lr, args, phase):
             opt.step()
             sched.step()
             progress.add(loss, logits, y)
-            progress.maybe_print(epoch, step, per_epoch, step == per_epoch)
+            progress.maybe_print(epoch, step, per_epoch)
     return progress.rate() if epochs else 0.0
 
 
@@ -549,8 +552,12 @@ def prune(model, policy, costs, budget, data, args):
     integral = lam = torch.zeros_like(budget)
     net = torch.compile(model) if args.compile else model
     progress = Progress('prune', args.log_every, device, len(budget))
-    names = list(costs)
     model.train()
+
+    def describe(mean_cost):  # the expected cost of each constraint next to its multiplier, and the mean keep-prob.
+        pairs = lambda values: ' '.join(f"{name}={v:.3f}" for name, v in zip(costs, values))  # noqa: E731
+        return f"cost {pairs(mean_cost)} lam {pairs(lam.tolist())} keep {torch.sigmoid(policy.theta).mean():.3f}"
+
     for epoch in range(1, args.prune_epochs + 1):
         for step, (x, y) in zip(range(1, per_epoch + 1), batches(data, 'train', n, train=True)):
             with autocast(device):
@@ -563,11 +570,7 @@ def prune(model, policy, costs, budget, data, args):
             sched.step()
             integral, lam = dual_step(integral, cost.mean(0), budget, args.dual_lr, args.damping)
             progress.add(loss, logits, y.repeat(k), cost)
-            progress.maybe_print(  # expected cost per constraint next to its multiplier
-                epoch, step, per_epoch, step == per_epoch,
-                cost=lambda c: ' '.join(f"{nm}={v:.3f}" for nm, v in zip(names, c)),
-                lam=lambda c: ' '.join(f"{nm}={v:.3f}" for nm, v in zip(names, lam.tolist())),
-                keep=lambda c: f"{torch.sigmoid(policy.theta).mean().item():.3f}")
+            progress.maybe_print(epoch, step, per_epoch, describe)
     return progress.rate() if args.prune_epochs else 0.0, lam
 
 
@@ -681,6 +684,20 @@ def inference_speed(model, device, repeats=20):
     return result
 
 
+def print_speed(results):
+    """The --speed report: wall time and training throughput per phase, then inference of both networks."""
+    print('phase     wall s   train img/s')
+    for phase in ('dense', 'prune', 'finetune'):
+        print(f"{phase:8} {results['time_s'][phase]:7.1f} {results['images_per_s'][phase]:12.0f}")
+    d, p = results['speed']['dense'], results['speed']['pruned']
+    print(f"inference  batch-1 latency ms   batch-512 img/s   MACs\n"
+          f"dense      {d['latency_ms_batch1']:18.3f} {d['images_per_s_batch512']:17.0f}   {results['dense']['macs']:,}\n"
+          f"pruned     {p['latency_ms_batch1']:18.3f} {p['images_per_s_batch512']:17.0f}   {results['pruned']['macs']:,}\n"
+          f"speed-up   {d['latency_ms_batch1'] / p['latency_ms_batch1']:18.2f}x "
+          f"{p['images_per_s_batch512'] / d['images_per_s_batch512']:16.2f}x   "
+          f"{results['dense']['macs'] / results['pruned']['macs']:.2f}x fewer")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
@@ -759,6 +776,7 @@ def main(argv=None):
     }
     if args.speed:
         results['speed'] = {'dense': inference_speed(model, device), 'pruned': inference_speed(small, device)}
+        print_speed(results)
     with open(outputs[0], 'w') as f:
         json.dump(results, f, indent=2)
     print(f"dense  {dp:,} params {dm:,} MACs accuracy {dense_acc:.4f}\n"

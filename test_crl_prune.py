@@ -338,6 +338,8 @@ def test_end_to_end_tiny_run(tmp_path, tiny):
     for part in ('dense', 'pruned'):
         assert {'params', 'macs', 'accuracy'} <= set(saved[part])
     assert set(saved['time_s']) >= {'dense', 'prune', 'finetune'}
+    for net in ('dense', 'pruned'):
+        assert saved['speed'][net]['latency_ms_batch1'] > 0 and saved['speed'][net]['images_per_s_batch512'] > 0
     assert list(saved['channels']) == [f'conv{i}' for i in range(1, 9)] + ['fc1']
     ckpt = torch.load(out / 'pruned.pt', weights_only=True)
     assert ckpt['widths'] == list(saved['channels'].values())
