@@ -700,7 +700,12 @@ def print_speed(results):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
+    try:
+        device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
+    except RuntimeError:
+        fail(f"--device {args.device}: not a device; use auto, cpu, cuda or cuda:N")
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        fail(f"--device {args.device}: CUDA is not available on this machine")
     outputs = [os.path.join(args.out, f) for f in ('results.json', 'dense.pt', 'pruned.pt')]
     if not args.overwrite and any(os.path.exists(f) for f in outputs):
         fail(f"--out {args.out} already holds results; pass --overwrite to replace them or choose another --out")

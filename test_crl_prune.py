@@ -280,6 +280,7 @@ TINY = ['--arch', 'vgg11', '--width', '0.0625', '--dense-epochs', '1', '--prune-
     (['--width', '0'], '--width'),
     (['--samples', '1'], '--samples'),
     (['--no-such-flag'], 'unrecognized'),
+    (['--device', 'gpu7'], '--device'),
 ])
 def test_bad_arguments_fail_with_one_line(tmp_path, tiny, args, message):
     with pytest.raises(SystemExit) as e:

@@ -142,6 +142,7 @@ def main():
                     t0 = time.time()
                     tp_prune(model, method, fraction)
                     prune_s = time.time() - t0
+                    crl.recalibrate_bn(model, data)  # as crl_prune does before its own pre-fine-tune figure
                     extra = {'accuracy_before_finetune': crl.evaluate(model, data)}
                     crl.train(model, data, args.prune_epochs + args.finetune_epochs, targs.lr, targs, method)
                     params, macs = crl.measure(model)
