@@ -273,14 +273,16 @@ def crl_step(model, policy, costs, budget, lam, x, y, k):
 # ---------------------------------------------------------------------------------------------------------------------
 # Plain projected ascent, lambda_j <- max(0, lambda_j + eta (mean_k C_j(m_k) - b_j)), integrates the violation: while
 # the cost starts far over a small budget (0.8 against 0.1, say) lambda grows for a long time, and once the budget is
-# met it can shrink only by eta * b_j per step, so the policy keeps being pushed far below the budget. Damping
-# (Platt & Barr 1988; the PI-Lagrangian of Stooke et al. 2020) adds a term proportional to the current violation,
-# which takes pressure off as soon as the cost falls under the budget, and the violation is measured relative to the
-# budget, (C - b) / b, so the step means the same for a budget of 0.1 and one of 0.5.
+# met it can shrink only by eta * b_j per step, so the policy keeps being pushed far below the budget. Two changes
+# damp this. The violation is measured relative to the budget and clipped, e = clip((C - b) / b, -1, 1), so lambda
+# winds down below the budget as fast as it wound up above it, whatever the budget. And a term proportional to the
+# current violation (Platt & Barr 1988; the PI-Lagrangian of Stooke et al. 2020) takes pressure off as soon as the
+# cost nears the budget. README "Dual dynamics" shows both on a probe.
 
 def dual_step(integral, cost, budget, eta, damping):
-    """Returns the new integral term and the multipliers lambda_j = max(0, I_j + damping * e_j), e = (C - b) / b."""
-    error = (cost - budget) / budget
+    """Returns the new integral term and the multipliers lambda_j = max(0, I_j + damping * e_j), with the violation
+    e_j = (C_j - b_j) / b_j clipped to [-1, 1]: lambda winds down below the budget as fast as it wound up above it."""
+    error = ((cost - budget) / budget).clamp(-1, 1)
     integral = (integral + eta * error).clamp(min=0)   # I_j <- max(0, I_j + eta e_j): projected dual ascent
     return integral, (integral + damping * error).clamp(min=0)
 
