@@ -194,19 +194,23 @@ def make_costs(model, names):
     """{name: C(widths) -> fraction of the dense `model`} for the requested cost names ('params', 'macs')."""
     table = list(output_positions(model, Unit).items())
 
-    def count(widths):  # widths: (..., groups) integer tensor; exact integer counts of the network that keeps them
-        params = macs = 0
+    def count(widths, cost):  # widths: (..., groups) integer tensor -> exact count for the network that keeps them
+        total = 0
         for unit, positions in table:
             for name, t in unit.named_parameters():
+                if cost == 'macs' and name != 'layer.weight':
+                    continue
                 groups, n = dict(unit.dim_groups(t)), 1
                 for d, size in enumerate(t.shape):  # a dim that follows a group has that group's kept width
                     n = n * (widths[..., groups[d]] if d in groups else size)
-                params = params + n
-                macs = macs + n * positions if name == 'layer.weight' else macs
-        return {'params': params, 'macs': macs}
+                total = total + (n * positions if cost == 'macs' else n)
+        return total
 
-    dense = {k: float(v) for k, v in count(torch.tensor(model.widths)).items()}
-    return {name: (lambda w, name=name: count(w)[name].double() / dense[name]) for name in names}
+    def fraction(cost):
+        dense = float(count(torch.tensor(model.widths), cost))
+        return lambda widths: count(widths, cost).double() / dense
+
+    return {name: fraction(name) for name in names}
 
 
 COSTS = ['params', 'macs']
@@ -264,7 +268,8 @@ def crl_step(model, policy, costs, budget, lam, x, y, k):
     n = len(x)
     logits = model(x.repeat(k, 1, 1, 1), [g.repeat_interleave(n, 0) for g in policy.split(masks)])
     ce = F.cross_entropy(logits.float(), y.repeat(k), reduction='none').view(k, n).mean(1)
-    cost = torch.stack([c(policy.kept(masks)) for c in costs.values()], 1)  # (K, J), evaluated, not differentiated
+    kept = policy.kept(masks)
+    cost = torch.stack([c(kept) for c in costs.values()], 1)  # C_j(m_k), (K, J): evaluated, never differentiated
     return ce.mean(), reinforce_loss(policy, masks, -ce.detach(), cost, budget, lam), cost, logits
 
 
@@ -452,14 +457,14 @@ def autocast(device):
 
 
 @torch.no_grad()
-def evaluate(model, data, masks=None):
+def evaluate(model, data):
     """Top-1 accuracy on the test split, in eval mode (BN running statistics)."""
     model.eval()
     device = data['test'][0].device
     correct = torch.zeros((), device=device)
     for xb, yb in batches(data, 'test', 1000, train=False):
         with autocast(device):
-            correct += (model(xb, masks).argmax(1) == yb).sum()
+            correct += (model(xb).argmax(1) == yb).sum()
     model.train()
     return correct.item() / len(data['test'][1])
 
