@@ -192,17 +192,19 @@ def measure(model):
 
 def make_costs(model, names):
     """{name: C(widths) -> fraction of the dense `model`} for the requested cost names ('params', 'macs')."""
-    table = list(output_positions(model, Unit).items())
+    terms = []  # per tensor of every unit: is it a layer weight, product of its fixed dims, its groups, output H*W
+    for unit, positions in output_positions(model, Unit).items():
+        for name, t in unit.named_parameters():
+            groups = dict(unit.dim_groups(t))  # a dim that follows a group has that group's kept width
+            fixed = math.prod(size for d, size in enumerate(t.shape) if d not in groups)
+            terms.append((name == 'layer.weight', fixed, list(groups.values()), positions))
 
     def count(widths, cost):  # widths: (..., groups) integer tensor -> exact count for the network that keeps them
         total = 0
-        for unit, positions in table:
-            for name, t in unit.named_parameters():
-                if cost == 'macs' and name != 'layer.weight':
-                    continue
-                groups, n = dict(unit.dim_groups(t)), 1
-                for d, size in enumerate(t.shape):  # a dim that follows a group has that group's kept width
-                    n = n * (widths[..., groups[d]] if d in groups else size)
+        for is_weight, n, groups, positions in terms:
+            if cost == 'params' or is_weight:
+                for g in groups:
+                    n = n * widths[..., g]
                 total = total + (n * positions if cost == 'macs' else n)
         return total
 
