@@ -27,6 +27,7 @@ Sections, in pipeline order:
   9. Command line                   checks every input before any long work, then runs the pipeline
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -191,26 +192,31 @@ def measure(model):
 
 
 def make_costs(model, names):
-    """{name: C(widths) -> fraction of the dense `model`} for the requested cost names ('params', 'macs')."""
-    terms = []  # per tensor of every unit: is it a layer weight, product of its fixed dims, its groups, output H*W
+    """{name: C(widths) -> fraction of the dense `model`} for the requested cost names ('params', 'macs').
+
+    Every tensor of a unit has (its fixed dims) x (kept width of its output group) x (kept width of its input group)
+    elements, so both counts are polynomials of degree 2 in the kept widths w: with w' = (1, w),
+    count(w) = w'^T M w', one (groups + 1)^2 matrix M per cost, built once here. A step's K candidates then cost one
+    einsum, exactly (integers in float64)."""
+    g = len(model.widths)
+    matrices = {name: torch.zeros(g + 1, g + 1, dtype=torch.float64) for name in COSTS}
     for unit, positions in output_positions(model, Unit).items():
         for name, t in unit.named_parameters():
             groups = dict(unit.dim_groups(t))  # a dim that follows a group has that group's kept width
             fixed = math.prod(size for d, size in enumerate(t.shape) if d not in groups)
-            terms.append((name == 'layer.weight', fixed, list(groups.values()), positions))
+            i, j = ([1 + gr for gr in groups.values()] + [0, 0])[:2]  # index 0 of w' is the constant 1
+            matrices['params'][i, j] += fixed
+            if name == 'layer.weight':  # MACs: weight elements x output positions
+                matrices['macs'][i, j] += fixed * positions
 
-    def count(widths, cost):  # widths: (..., groups) integer tensor -> exact count for the network that keeps them
-        total = 0
-        for is_weight, n, groups, positions in terms:
-            if cost == 'params' or is_weight:
-                for g in groups:
-                    n = n * widths[..., g]
-                total = total + (n * positions if cost == 'macs' else n)
-        return total
+    def count(widths, m):  # widths: (..., groups) -> exact count of the network that keeps them
+        w = torch.cat([torch.ones_like(widths[..., :1]), widths], -1).to(m)
+        return torch.einsum('...i,ij,...j->...', w, m, w)
 
-    def fraction(cost):
-        dense = float(count(torch.tensor(model.widths), cost))
-        return lambda widths: count(widths, cost).double() / dense
+    def fraction(name):
+        m, dense = matrices[name], count(torch.tensor(model.widths), matrices[name]).item()
+        on = {}  # a copy of M per device, made once
+        return lambda widths: count(widths, on.setdefault(widths.device, m.to(widths.device))) / dense
 
     return {name: fraction(name) for name in names}
 
@@ -227,6 +233,9 @@ class Policy(nn.Module):
         super().__init__()
         self.widths = list(widths)
         self.theta = nn.Parameter(torch.full((sum(widths),), math.log(init_keep / (1 - init_keep))))
+        # channel -> group one-hot matrix: kept widths of K masks are one matrix product
+        self.register_buffer('groups', torch.repeat_interleave(torch.eye(len(widths)), torch.tensor(widths), 0),
+                             persistent=False)
 
     def dist(self):
         return torch.distributions.Bernoulli(logits=self.theta, validate_args=False)  # checks would sync the GPU
@@ -245,7 +254,7 @@ class Policy(nn.Module):
 
     def kept(self, masks):
         """Kept widths per group, the input of every cost."""
-        return torch.stack([g.sum(-1) for g in self.split(masks)], -1).long()
+        return (masks @ self.groups).round().long()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -268,7 +277,8 @@ def crl_step(model, policy, costs, budget, lam, x, y, k):
     and the logits."""
     masks = policy.sample(k)
     n = len(x)
-    logits = model(x.repeat(k, 1, 1, 1), [g.repeat_interleave(n, 0) for g in policy.split(masks)])
+    # images k times over (torch.cat keeps channels_last), each mask repeated for the n images of its slice
+    logits = model(torch.cat([x] * k), policy.split(masks.repeat_interleave(n, 0)))
     ce = F.cross_entropy(logits.float(), y.repeat(k), reduction='none').view(k, n).mean(1)
     kept = policy.kept(masks)
     cost = torch.stack([c(kept) for c in costs.values()], 1)  # C_j(m_k), (K, J): evaluated, never differentiated
@@ -370,14 +380,18 @@ def load_pruned(path, device='cpu'):
 # 8. Data and training loops
 # ---------------------------------------------------------------------------------------------------------------------
 # The whole dataset lives on the device as one uint8 tensor; batches are gathered, normalised and augmented there as
-# batched tensor ops (no per-image PIL work, no DataLoader). On CUDA: channels_last and bf16 autocast.
+# batched tensor ops (no per-image PIL work, no DataLoader). On CUDA: channels_last and bf16 autocast (`numerics`).
 
+@functools.lru_cache(maxsize=4)  # a process that runs main() many times (bench/compare.py) decodes each folder once
 def read_image_folder(root):
-    """An ImageFolder directory as (uint8 images (N, 3, 32, 32), labels, class names); images resized to 32x32."""
+    """An ImageFolder directory as (uint8 images (N, 3, 32, 32), labels, class names); images resized to 32x32,
+    decoded by a pool of threads (PIL releases the GIL while it decodes)."""
     import numpy as np
     import torchvision
+    from concurrent.futures import ThreadPoolExecutor
     ds = torchvision.datasets.ImageFolder(root)
-    x = np.stack([np.asarray(ds.loader(p).resize((32, 32))) for p, _ in ds.samples])
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        x = np.stack(list(pool.map(lambda s: np.asarray(ds.loader(s[0]).resize((32, 32))), ds.samples, chunksize=256)))
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
 
 
@@ -400,7 +414,8 @@ def image_folder_splits(data):
 
 
 def load_data(args, device):
-    """{'train': (x, y), 'test': (x, y), 'classes': n, 'mean': ..., 'std': ...}, all on `device`."""
+    """{'train': (x, y), 'test': (x, y), 'classes': n, 'mean': ..., 'std': ...}, all on `device`, and how every loop
+    feeds it to a network: {'bf16': ..., 'channels_last': ...} (see `numerics`)."""
     if args.data:
         train_dir, test_dir, _ = image_folder_splits(args.data)
         (xtr, ytr, classes), (xte, yte, _) = read_image_folder(train_dir), read_image_folder(test_dir)
@@ -421,7 +436,7 @@ def load_data(args, device):
     mean = xtr.float().mean((0, 2, 3)) / 255
     std = xtr.float().std((0, 2, 3)) / 255
     return {'train': (xtr.to(device), ytr.to(device)), 'test': (xte.to(device), yte.to(device)),
-            'classes': len(classes), 'mean': mean, 'std': std}
+            'classes': len(classes), 'mean': mean, 'std': std, **numerics(device, args.bf16, args.channels_last)}
 
 
 def augment(x):
@@ -449,23 +464,31 @@ def batches(data, split, batch_size, train):
         xb = (x[idx].float() / 255 - mean) / std
         if train:
             xb = augment(xb)
-        if x.is_cuda:
+        if data['channels_last']:
             xb = xb.contiguous(memory_format=torch.channels_last)
         yield xb, y[idx]
 
 
-def autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+def numerics(device, bf16='auto', channels_last='auto'):
+    """The two GPU settings, made explicit: bf16 autocast (matrix products in bfloat16, losses, rewards and costs in
+    float32/float64) and the channels_last memory format. 'auto' turns both on on CUDA and off elsewhere; 'on' and
+    'off' force them on any device, so the CPU tests exercise the GPU path."""
+    pick = lambda v: device.type == 'cuda' if v == 'auto' else v == 'on'  # noqa: E731
+    return {'bf16': pick(bf16), 'channels_last': pick(channels_last)}
+
+
+def autocast(data):
+    """bf16 autocast where `data` asks for it, on the device that holds the data."""
+    return torch.autocast(data['train'][0].device.type, dtype=torch.bfloat16, enabled=data['bf16'])
 
 
 @torch.no_grad()
 def evaluate(model, data):
     """Top-1 accuracy on the test split, in eval mode (BN running statistics)."""
     model.eval()
-    device = data['test'][0].device
-    correct = torch.zeros((), device=device)
+    correct = torch.zeros((), device=data['test'][0].device)
     for xb, yb in batches(data, 'test', 1000, train=False):
-        with autocast(device):
+        with autocast(data):
             correct += (model(xb).argmax(1) == yb).sum()
     model.train()
     return correct.item() / len(data['test'][1])
@@ -480,9 +503,8 @@ def recalibrate_bn(model, data, count=20):
         m.reset_running_stats()
         m.momentum = None  # a plain average over the batches below
     model.train()
-    device = data['train'][0].device
     for _, (x, _) in zip(range(count), batches(data, 'train', 256, train=True)):
-        with autocast(device):
+        with autocast(data):
             model(x)
     for m in bns:
         m.momentum = 0.1
@@ -495,21 +517,32 @@ def sgd(model, lr, steps, args):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine)
 
 
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
 class Progress:
     """Sums of loss, correct predictions (and costs) kept as one device tensor, so that a step never waits for the
-    device; one line is printed every `every` steps and at the end of each epoch."""
+    device; one line is printed every `every` steps and at the end of each epoch. Throughput is steady-state: timed
+    from the end of the first `warmup` steps, whose extra time (compilation, cuDNN autotuning) is reported apart."""
 
-    def __init__(self, phase, every, device, n_costs=0):
-        self.phase, self.every = phase, every
+    def __init__(self, phase, every, device, n_costs=0, warmup=5):
+        self.phase, self.every, self.device, self.warmup = phase, every, device, warmup
         self.sums = torch.zeros(2 + n_costs, device=device, dtype=torch.float64)
-        self.images = self.seen = 0
+        self.images = self.seen = self.steps = 0
         self.start = self.tick = time.time()
+        self.warm = None  # (time, images) once the warm-up steps are done
 
     def add(self, loss, logits, y, cost=None):
         n = len(y)
         extra = [] if cost is None else list(cost.mean(0) * n)
         self.sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(), *extra])
         self.images += n
+        self.steps += 1
+        if self.steps == self.warmup:  # one device sync per phase
+            sync(self.device)
+            self.warm = (time.time(), self.images)
 
     def maybe_print(self, epoch, step, steps, describe=None):
         """describe: mean costs -> the end of the line, called only when a line is printed."""
@@ -522,8 +555,16 @@ class Progress:
         self.sums.zero_()
         self.tick, self.seen = now, self.images
 
-    def rate(self):
-        return self.images / (time.time() - self.start)
+    def speed(self):
+        """{'images_per_s': steady-state training throughput, 'overhead_s': what the warm-up steps took beyond
+        the steady-state time of as many steps (compilation, autotuning)}."""
+        sync(self.device)
+        now = time.time()
+        if self.warm is None:  # too few steps for a steady state
+            return {'images_per_s': self.images / max(now - self.start, 1e-9), 'overhead_s': 0.0}
+        t, images = self.warm
+        rate = (self.images - images) / max(now - t, 1e-9)
+        return {'images_per_s': rate, 'overhead_s': max(t - self.start - images / rate, 0.0) if rate else 0.0}
 
 
 def train(model, data, epochs, lr, args, phase):
@@ -536,7 +577,7 @@ def train(model, data, epochs, lr, args, phase):
     model.train()
     for epoch in range(1, epochs + 1):
         for step, (x, y) in enumerate(batches(data, 'train', args.batch_size, train=True), 1):
-            with autocast(device):
+            with autocast(data):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
@@ -545,7 +586,7 @@ def train(model, data, epochs, lr, args, phase):
             sched.step()
             progress.add(loss, logits, y)
             progress.maybe_print(epoch, step, per_epoch)
-    return progress.rate() if epochs else 0.0
+    return progress.speed()
 
 
 def prune(model, policy, costs, budget, data, args):
@@ -569,7 +610,7 @@ def prune(model, policy, costs, budget, data, args):
 
     for epoch in range(1, args.prune_epochs + 1):
         for step, (x, y) in zip(range(1, per_epoch + 1), batches(data, 'train', n, train=True)):
-            with autocast(device):
+            with autocast(data):
                 loss, policy_loss, cost, logits = crl_step(net, policy, costs, budget, lam, x, y, k)
             opt_w.zero_grad(set_to_none=True)
             opt_p.zero_grad(set_to_none=True)
@@ -580,7 +621,7 @@ def prune(model, policy, costs, budget, data, args):
             integral, lam = dual_step(integral, cost.mean(0), budget, args.dual_lr, args.damping)
             progress.add(loss, logits, y.repeat(k), cost)
             progress.maybe_print(epoch, step, per_epoch, describe)
-    return progress.rate() if args.prune_epochs else 0.0, lam
+    return progress.speed(), lam
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -612,6 +653,10 @@ def parse_args(argv):
     p.add_argument('--damping', type=float, default=10.0, help='weight of the proportional term of the multipliers')
     p.add_argument('--init-keep', type=float, default=0.9, help='initial keep-probability of every channel')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    p.add_argument('--bf16', default='auto', choices=['auto', 'on', 'off'],
+                   help='bf16 autocast (auto: on CUDA only; on/off: force, on any device)')
+    p.add_argument('--channels-last', default='auto', choices=['auto', 'on', 'off'],
+                   help='channels_last memory format (auto: on CUDA only; on/off: force, on any device)')
     p.add_argument('--compile', action='store_true', help='torch.compile the training steps')
     p.add_argument('--speed', action='store_true', help='also time inference of the dense and the pruned network')
     p.add_argument('--seed', type=int, default=0)
@@ -665,11 +710,12 @@ def load_dense(args, model):
 
 
 @torch.no_grad()
-def inference_speed(model, device, repeats=20):
-    """Median batch-1 latency (ms) and batch-512 throughput (images/s) in eval mode, after 3 warm-up runs; timed with
-    CUDA events on a GPU."""
+def inference_speed(model, data, repeats=20):
+    """Median batch-1 latency (ms) and batch-512 throughput (images/s) in eval mode, with the run's precision and
+    memory format, after 3 warm-up runs; timed with CUDA events on a GPU."""
     model.eval()
-    fmt = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+    device = data['train'][0].device
+    fmt = torch.channels_last if data['channels_last'] else torch.contiguous_format
     median = {}
     for batch in (1, 512):
         x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
@@ -678,14 +724,15 @@ def inference_speed(model, device, repeats=20):
             if device.type == 'cuda':
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                with autocast(device):
+                with autocast(data):
                     model(x)
                 end.record()
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end) / 1000)
             else:
                 t = time.perf_counter()
-                model(x)
+                with autocast(data):
+                    model(x)
                 times.append(time.perf_counter() - t)
         median[batch] = sorted(times[3:])[repeats // 2]
     model.train()
@@ -694,9 +741,10 @@ def inference_speed(model, device, repeats=20):
 
 def print_speed(results):
     """The --speed report: wall time and training throughput per phase, then inference of both networks."""
-    print('phase     wall s   train img/s')
+    print('phase     wall s   train img/s (steady)   first-steps overhead s')
     for phase in ('dense', 'prune', 'finetune'):
-        print(f"{phase:8} {results['time_s'][phase]:7.1f} {results['images_per_s'][phase]:12.0f}")
+        print(f"{phase:8} {results['time_s'][phase]:7.1f} {results['images_per_s'][phase]:21.0f} "
+              f"{results['overhead_s'][phase]:24.1f}")
     d, p = results['speed']['dense'], results['speed']['pruned']
     print(f"inference  batch-1 latency ms   batch-512 img/s   MACs\n"
           f"dense      {d['latency_ms_batch1']:18.3f} {d['images_per_s_batch512']:17.0f}   {results['dense']['macs']:,}\n"
@@ -721,6 +769,8 @@ def main(argv=None):
     if args.pretrained and not os.path.isfile(args.pretrained):
         fail(f"--pretrained {args.pretrained}: no such file")
     torch.manual_seed(args.seed)
+    if args.compile:  # each run compiles its own networks: without this a process that calls main() many times
+        torch._dynamo.reset()  # (bench/compare.py) reaches Dynamo's recompile limit and silently runs eagerly
 
     # The dense network, its costs and the budget's feasibility: all checked before any data is read.
     widths = dense_widths(args.arch, args.width)
@@ -738,7 +788,7 @@ def main(argv=None):
     data = load_data(args, device)
     times = {'data': time.time() - t0}
     model.to(device)
-    if device.type == 'cuda':
+    if data['channels_last']:
         model.to(memory_format=torch.channels_last)
     os.makedirs(args.out, exist_ok=True)
     print(f"{args.arch} width {args.width}: {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -746,7 +796,7 @@ def main(argv=None):
 
     # 1. the dense network
     t0 = time.time()
-    rate = {'dense': train(model, data, 0 if args.pretrained else args.dense_epochs, args.lr, args, 'dense')}
+    speed = {'dense': train(model, data, 0 if args.pretrained else args.dense_epochs, args.lr, args, 'dense')}
     times['dense'] = time.time() - t0
     save_model(model, outputs[1], data['mean'], data['std'])
     dense_acc = evaluate(model, data)
@@ -755,19 +805,19 @@ def main(argv=None):
     # 2. CRL: learn the keep-probabilities under the budget while the weights adapt
     budget, policy = budget.to(device), policy.to(device)
     t0 = time.time()
-    rate['prune'], lam = prune(model, policy, costs, budget, data, args)
+    speed['prune'], lam = prune(model, policy, costs, budget, data, args)
     times['prune'] = time.time() - t0
 
     # 3. the final mask, physically compacted, then fine-tuned
     mask = final_mask(policy, costs, budget)
     small = compact(model, policy.split(mask))
-    if device.type == 'cuda':
+    if data['channels_last']:
         small.to(memory_format=torch.channels_last)
     recalibrate_bn(small, data)
     acc_before = evaluate(small, data)
     print(f"compact network kept {small.widths}; accuracy before fine-tuning {acc_before:.4f}")
     t0 = time.time()
-    rate['finetune'] = train(small, data, args.finetune_epochs, args.lr, args, 'finetune')
+    speed['finetune'] = train(small, data, args.finetune_epochs, args.lr, args, 'finetune')
     times['finetune'] = time.time() - t0
     pruned_acc = evaluate(small, data)
     save_model(small, outputs[2], data['mean'], data['std'])
@@ -785,10 +835,11 @@ def main(argv=None):
         'dense_channels': dict(zip(model.group_names, model.widths)),
         'keep_probability_mean': torch.sigmoid(policy.theta).mean().item(),
         'multipliers': dict(zip(budget_names, lam.tolist())),
-        'time_s': times, 'images_per_s': rate, 'args': {k: v for k, v in vars(args).items() if k != 'budget_dict'},
+        'time_s': times, 'images_per_s': {phase: s['images_per_s'] for phase, s in speed.items()},
+        'overhead_s': {phase: s['overhead_s'] for phase, s in speed.items()}, 'args': {k: v for k, v in vars(args).items() if k != 'budget_dict'},
     }
     if args.speed:
-        results['speed'] = {'dense': inference_speed(model, device), 'pruned': inference_speed(small, device)}
+        results['speed'] = {'dense': inference_speed(model, data), 'pruned': inference_speed(small, data)}
         print_speed(results)
     with open(outputs[0], 'w') as f:
         json.dump(results, f, indent=2)

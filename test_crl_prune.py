@@ -1,5 +1,6 @@
 """Tests of crl_prune.py, on the CPU, on small data the tests make themselves."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -257,6 +258,88 @@ def test_download_failure_names_data(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         crl.load_data(args, torch.device('cpu'))
     assert '--data' in str(e.value.code) and '\n' not in str(e.value.code)
+
+
+# --- the GPU settings, run on the CPU ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('arch', ['vgg11', 'resnet18'])
+def test_pruning_step_in_bf16_and_channels_last(arch):
+    """The settings a GPU run uses (bf16 autocast, channels_last), forced on the CPU: the images stay channels_last,
+    each mask is applied exactly, the losses are finite float32, the costs exact float64, and the compact network
+    gives the masked network's outputs within bf16 tolerance."""
+    torch.manual_seed(0)
+    model = randomise_bn(crl.build(arch, crl.dense_widths(arch, 0.125), 10)).to(memory_format=torch.channels_last)
+    policy = crl.Policy(model.widths, 0.5)
+    costs = crl.make_costs(model, ['params', 'macs'])
+    x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (3,))
+    seen = {}
+    first = crl.units(model)[0]
+    first.layer.register_forward_hook(lambda m, i, o: seen.update(x=i[0], dtype=o.dtype))
+    last = {}
+    for u in crl.units(model):
+        if u.out is not None:
+            u.register_forward_hook(lambda m, i, o: last.update({m: o}))
+    data = {'train': (x, y), **crl.numerics(torch.device('cpu'), 'on', 'on')}
+    assert data == {'train': (x, y), 'bf16': True, 'channels_last': True}
+    with crl.autocast(data):
+        loss, policy_loss, cost, logits = crl.crl_step(model, policy, costs, torch.tensor([0.5, 0.5]).double(),
+                                                       torch.ones(2).double(), x, y, 4)
+    assert seen['x'].is_contiguous(memory_format=torch.channels_last) and seen['dtype'] == torch.bfloat16
+    assert torch.equal(seen['x'][3:6].float(), x) and len(seen['x']) == 12  # slice k holds the batch, unchanged
+    assert loss.dtype == policy_loss.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(policy_loss)
+    assert cost.dtype == torch.float64 and cost.shape == (4, 2)
+    # which mask was applied to which slice is not returned: recover it from the outputs, zero exactly where masked
+    for u, o in last.items():
+        on = (o.float().reshape(12, o.shape[1], -1).abs().sum(-1) > 0).view(4, 3, -1)
+        assert (on == on[:, :1]).all()  # one mask per slice of three images
+    # the compact network equals the masked one, in bf16
+    mask = random_mask(policy)
+    small = crl.compact(model, policy.split(mask)).to(memory_format=torch.channels_last)
+    model.eval(), small.eval()
+    with crl.autocast(data):
+        masked = model(x, [g[None] for g in policy.split(mask)]).float()
+        compact = small(x).float()
+    torch.testing.assert_close(compact, masked, rtol=0.05, atol=0.05 * masked.abs().max().item())
+
+
+def test_kept_widths_and_costs_are_exact_for_many_masks():
+    torch.manual_seed(3)
+    model = crl.build('resnet18', crl.dense_widths('resnet18', 0.25), 10)
+    policy = crl.Policy(model.widths, 0.5)
+    masks = policy.sample(64)
+    kept = policy.kept(masks)
+    assert kept.dtype == torch.long
+    assert kept.tolist() == [[int(g.sum()) for g in policy.split(m)] for m in masks]
+    # the matrix form of the costs against a direct count of the compact networks
+    costs = crl.make_costs(model, ['params', 'macs'])
+    dense = crl.measure(model)
+    for i in (0, 17, 63):
+        counts = crl.measure(crl.build('resnet18', kept[i].tolist(), 10))
+        assert [costs[c](kept[i:i + 1]).item() * d for c, d in zip(costs, dense)] == pytest.approx(counts, rel=1e-12)
+
+
+def test_compile_starts_every_run_from_a_fresh_dynamo_cache(tmp_path, tiny, monkeypatch):
+    """bench/compare.py calls main() many times in one process: each run with --compile resets Dynamo, so the
+    recompile limit is never reached (and the run never silently falls back to eager mode)."""
+    calls = []
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: calls.append('compile') or model)
+    monkeypatch.setattr(torch._dynamo, 'reset', lambda: calls.append('reset'))
+    for run in range(2):
+        crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / str(run)), '--compile'])
+    assert calls == ['reset', 'compile', 'compile', 'compile'] * 2
+
+
+def test_end_to_end_tiny_run_in_bf16_and_channels_last(tmp_path, tiny):
+    out = tmp_path / 'out'
+    r = crl.main([*TINY, '--data', tiny, '--out', str(out), '--budget', 'params=0.4', '--bf16', 'on',
+                  '--channels-last', 'on', '--speed'])
+    assert r['budget_met'] and r['pruned']['params'] <= 0.4 * r['dense']['params']
+    assert all(math.isfinite(r['pruned'][k]) for k in ('accuracy', 'accuracy_before_finetune'))
+    assert set(r['images_per_s']) == set(r['overhead_s']) == {'dense', 'prune', 'finetune'}
+    assert all(v > 0 for v in r['images_per_s'].values()) and all(v >= 0 for v in r['overhead_s'].values())
+    small = crl.load_pruned(out / 'pruned.pt')
+    assert sum(p.numel() for p in small.parameters()) == r['pruned']['params']
 
 
 # --- 9. bad input ---------------------------------------------------------------------------------------------------------
