@@ -307,15 +307,28 @@ def dual_step(integral, cost, budget, eta, damping):
 # ---------------------------------------------------------------------------------------------------------------------
 # 6. The final mask: most probable channels first, as many as every budget allows, at least one per group
 # ---------------------------------------------------------------------------------------------------------------------
+# With `multiple` > 1 every group keeps a multiple of that many channels (a group narrower than that keeps all of its
+# channels): a GPU's tensor cores run bf16 convolutions fast only on such widths, and a compact network of odd
+# widths can be slower than the dense one there (README, Speed).
 
-def minimal_mask(policy):
-    """One channel per group, the most probable: the smallest network there is."""
-    p = torch.sigmoid(policy.theta.detach())
-    m, start = torch.zeros_like(p), 0
-    for w in policy.widths:
-        m[start + p[start:start + w].argmax()] = 1
+def keep_top(policy, counts):
+    """The mask that keeps, in every group, its counts[g] most probable channels."""
+    theta = policy.theta.detach()
+    m, start = torch.zeros_like(theta), 0
+    for w, k in zip(policy.widths, counts):
+        m[start + theta[start:start + w].topk(k).indices] = 1
         start += w
     return m
+
+
+def rounded(widths, counts, multiple):
+    """Kept counts rounded down to a multiple of `multiple`, at least min(multiple, width) per group."""
+    return [max(k - k % multiple, min(multiple, w)) for w, k in zip(widths, counts)]
+
+
+def minimal_mask(policy, multiple=1):
+    """The most probable channel of every group (`multiple` of them): the smallest network there is."""
+    return keep_top(policy, rounded(policy.widths, [1] * len(policy.widths), multiple))
 
 
 def within(policy, costs, budget, mask):
@@ -323,16 +336,17 @@ def within(policy, costs, budget, mask):
     return all(c(policy.kept(mask[None]))[0].item() <= b for c, b in zip(costs.values(), budget.tolist()))
 
 
-def final_mask(policy, costs, budget):
-    """Rank channels by keep-probability and keep the longest prefix of the ranking that meets every budget. Costs
-    never fall when a channel is added, so the prefix is found by bisection: about log2(channels) evaluations."""
-    order = torch.sigmoid(policy.theta.detach()).argsort(descending=True)
-    base = minimal_mask(policy)
+def final_mask(policy, costs, budget, multiple=1):
+    """Rank channels by keep-probability and keep the longest prefix of the ranking that meets every budget (its
+    counts rounded to `multiple` per group). Costs never fall when a channel is added, so the prefix is found by
+    bisection: about log2(channels) evaluations."""
+    order = policy.theta.detach().argsort(descending=True)
+    base = minimal_mask(policy, multiple)
 
     def prefix(n):
         m = base.clone()
         m[order[:n]] = 1
-        return m
+        return m if multiple == 1 else keep_top(policy, rounded(policy.widths, policy.kept(m).tolist(), multiple))
 
     if not within(policy, costs, budget, base):
         fail('the budget is below the smallest network (one channel per group)')
@@ -652,6 +666,8 @@ def parse_args(argv):
     p.add_argument('--dual-lr', type=float, default=0.01, help='eta, step of the dual ascent')
     p.add_argument('--damping', type=float, default=10.0, help='weight of the proportional term of the multipliers')
     p.add_argument('--init-keep', type=float, default=0.9, help='initial keep-probability of every channel')
+    p.add_argument('--channel-multiple', type=int, default=0, help='the final network keeps a multiple of this many '
+                   'channels per group (0: 8 on CUDA, where tensor cores want it, 1 elsewhere)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--bf16', default='auto', choices=['auto', 'on', 'off'],
                    help='bf16 autocast (auto: on CUDA only; on/off: force, on any device)')
@@ -673,6 +689,8 @@ def parse_args(argv):
     for name in ('width', 'batch_size', 'lr', 'prune_lr', 'policy_lr', 'log_every'):
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be > 0")
+    if args.channel_multiple < 0:
+        fail('--channel-multiple must be >= 0')
     if args.samples < 2:
         fail('--samples must be >= 2 (the baseline of each mask is the mean reward of the others)')
     if not 0 < args.init_keep < 1:
@@ -781,8 +799,9 @@ def main(argv=None):
     costs = make_costs(model, budget_names)
     budget = torch.tensor(list(args.budget_dict.values()), dtype=torch.float64)
     policy = Policy(widths, args.init_keep)
-    if not within(policy, costs, budget, minimal_mask(policy)):
-        fail(f"--budget {args.budget}: infeasible, even one channel per group costs more")
+    multiple = args.channel_multiple or (8 if device.type == 'cuda' else 1)
+    if not within(policy, costs, budget, minimal_mask(policy, multiple)):
+        fail(f"--budget {args.budget}: infeasible, even {multiple} channel(s) per group cost more")
 
     t0 = time.time()
     data = load_data(args, device)
@@ -809,7 +828,7 @@ def main(argv=None):
     times['prune'] = time.time() - t0
 
     # 3. the final mask, physically compacted, then fine-tuned
-    mask = final_mask(policy, costs, budget)
+    mask = final_mask(policy, costs, budget, multiple)
     small = compact(model, policy.split(mask))
     if data['channels_last']:
         small.to(memory_format=torch.channels_last)
@@ -833,7 +852,7 @@ def main(argv=None):
                    'params_fraction': fractions['params'], 'macs_fraction': fractions['macs']},
         'channels': dict(zip(model.group_names, small.widths)),
         'dense_channels': dict(zip(model.group_names, model.widths)),
-        'keep_probability_mean': torch.sigmoid(policy.theta).mean().item(),
+        'keep_probability_mean': torch.sigmoid(policy.theta).mean().item(), 'channel_multiple': multiple,
         'multipliers': dict(zip(budget_names, lam.tolist())),
         'time_s': times, 'images_per_s': {phase: s['images_per_s'] for phase, s in speed.items()},
         'overhead_s': {phase: s['overhead_s'] for phase, s in speed.items()}, 'args': {k: v for k, v in vars(args).items() if k != 'budget_dict'},

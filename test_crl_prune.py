@@ -200,6 +200,27 @@ def test_final_mask_meets_and_uses_random_budgets(arch):
         assert not crl.within(policy, costs, budget, more)
 
 
+@pytest.mark.parametrize('arch', ['vgg16', 'resnet18'])
+def test_final_mask_keeps_multiples_of_eight_within_the_budget(arch):
+    """The GPU default: every group keeps a multiple of 8 channels, its most probable ones, within every budget."""
+    torch.manual_seed(4)
+    model = crl.build(arch, crl.dense_widths(arch), 10)
+    costs = crl.make_costs(model, ['params', 'macs'])
+    policy = crl.Policy(model.widths, 0.5)
+    for trial in range(3):
+        policy.theta.data.normal_(0, 2)
+        budget = torch.empty(2, dtype=torch.float64).uniform_(0.05, 0.6)
+        mask = crl.final_mask(policy, costs, budget, multiple=8)
+        kept = policy.kept(mask[None])
+        assert (kept % 8 == 0).all() and (kept >= 8).all() and crl.within(policy, costs, budget, mask)
+        for g, theta in enumerate(policy.split(policy.theta.detach())):  # the kept ones are the group's most probable
+            k = kept[0, g].item()
+            assert set(policy.split(mask)[g].nonzero().squeeze(1).tolist()) == set(theta.topk(k).indices.tolist())
+        # the budget is used at least as well as by rounding down the plain rule's widths
+        plain = policy.kept(crl.final_mask(policy, costs, budget)[None])[0].tolist()
+        assert all(k >= r for k, r in zip(kept[0].tolist(), crl.rounded(policy.widths, plain, 8)))
+
+
 def test_final_mask_rejects_an_infeasible_budget():
     model = crl.build('vgg11', crl.dense_widths('vgg11', 0.25), 10)
     costs = crl.make_costs(model, ['params'])
