@@ -51,6 +51,25 @@ def fail(message):
 # image or the class scores, which are never pruned. That one fact drives masking here, counting (section 2) and
 # compaction (section 7): dim 0 of every tensor of a unit follows its `out` group, dim 1 its `inp` group.
 # Channels that a residual addition sums must vanish together, so they share one group.
+# Masks come as one (K, width) tensor per group: the batch is K equal slices, slice k runs sub-network k. In training,
+# BatchNorm takes its statistics over each slice separately, so a sub-network's outputs (and its reward) depend on its
+# own mask and images only, never on the other masks of the batch, and match what the compact network computes.
+
+def batch_norm_per_slice(bn, y, k):
+    """Train-mode BN of `y` = K slices of n samples, each slice normalised with its own mean and variance over its n
+    samples (and positions). The running statistics move towards the mean of the K slices' statistics."""
+    z = y.float().view(k, -1, *y.shape[1:])  # (K, n, C, ...): a view, whatever the memory format
+    dims = [1, *range(3, z.dim())]
+    var, mean = torch.var_mean(z, dims, correction=0, keepdim=True)
+    if bn.track_running_stats:
+        with torch.no_grad():
+            n = z.numel() // (k * z.shape[2])  # values behind each slice's statistics
+            bn.running_mean.lerp_(mean.mean(0).flatten(), bn.momentum)
+            bn.running_var.lerp_(var.mean(0).flatten() * n / max(n - 1, 1), bn.momentum)
+            bn.num_batches_tracked += 1
+    shape = (1, 1, -1) + (1,) * (z.dim() - 3)
+    return ((z - mean) * torch.rsqrt(var + bn.eps) * bn.weight.view(shape) + bn.bias.view(shape)).flatten(0, 1)
+
 
 class Unit(nn.Module):
     """conv or linear layer -> BN, then the mask of group `out`: a masked channel outputs exactly zero."""
@@ -60,11 +79,14 @@ class Unit(nn.Module):
         self.layer, self.bn, self.inp, self.out = layer, bn, inp, out
 
     def forward(self, x, masks=None):
-        y = self.bn(self.layer(x))
+        y = self.layer(x)
+        k = 1 if masks is None else len(masks[0])
+        per_slice = k > 1 and self.training and isinstance(self.bn, nn.modules.batchnorm._BatchNorm)
+        y = batch_norm_per_slice(self.bn, y, k) if per_slice else self.bn(y)
         if masks is None or self.out is None:
             return y
-        m = masks[self.out]  # (batch or 1, channels): each sample may have its own mask
-        return y * m.view(*m.shape, *[1] * (y.dim() - 2)).to(y.dtype)
+        m = masks[self.out]  # (K, channels): slice k of the batch keeps the channels of mask k
+        return (y.view(k, -1, *y.shape[1:]) * m.view(k, 1, -1, *[1] * (y.dim() - 2)).to(y.dtype)).flatten(0, 1)
 
     def dim_groups(self, t):
         """(dim, group) pairs of one of this unit's tensors: dim 0 follows the output group, dim 1 the input group."""
@@ -272,13 +294,12 @@ def reinforce_loss(policy, masks, reward, cost, budget, lam):
 
 def crl_step(model, policy, costs, budget, lam, x, y, k):
     """Sample K masks and score all K sub-networks in one forward pass: slice k of the batch is the same images under
-    mask k (common random numbers: rewards differ only through the masks). Returns the weights' loss (the mean
-    cross-entropy of the sampled sub-networks, so the weights adapt to them), the policy's loss, the sampled costs
-    and the logits."""
+    mask k (common random numbers: rewards differ only through the masks; BN statistics are per slice, so the
+    reward of mask k depends on mask k alone). Returns the weights' loss (the mean cross-entropy of the sampled
+    sub-networks, so the weights adapt to them), the policy's loss, the sampled costs and the logits."""
     masks = policy.sample(k)
     n = len(x)
-    # images k times over (torch.cat keeps channels_last), each mask repeated for the n images of its slice
-    logits = model(torch.cat([x] * k), policy.split(masks.repeat_interleave(n, 0)))
+    logits = model(torch.cat([x] * k), policy.split(masks))  # the images k times over; cat keeps channels_last
     ce = F.cross_entropy(logits.float(), y.repeat(k), reduction='none').view(k, n).mean(1)
     kept = policy.kept(masks)
     cost = torch.stack([c(kept) for c in costs.values()], 1)  # C_j(m_k), (K, J): evaluated, never differentiated
@@ -349,7 +370,7 @@ def final_mask(policy, costs, budget, multiple=1):
         return m if multiple == 1 else keep_top(policy, rounded(policy.widths, policy.kept(m).tolist(), multiple))
 
     if not within(policy, costs, budget, base):
-        fail('the budget is below the smallest network (one channel per group)')
+        fail(f'the budget is below the smallest network ({multiple} channel(s) per group)')
     lo, hi = 0, len(order)
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -666,6 +687,8 @@ def parse_args(argv):
     p.add_argument('--dual-lr', type=float, default=0.01, help='eta, step of the dual ascent')
     p.add_argument('--damping', type=float, default=10.0, help='weight of the proportional term of the multipliers')
     p.add_argument('--init-keep', type=float, default=0.9, help='initial keep-probability of every channel')
+    p.add_argument('--reinit', action='store_true', help='train the compact network from random initialisation '
+                   'for --finetune-epochs instead of fine-tuning the weights it inherits')
     p.add_argument('--channel-multiple', type=int, default=0, help='the final network keeps a multiple of this many '
                    'channels per group (0: 8 on CUDA, where tensor cores want it, 1 elsewhere)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
@@ -830,6 +853,8 @@ def main(argv=None):
     # 3. the final mask, physically compacted, then fine-tuned
     mask = final_mask(policy, costs, budget, multiple)
     small = compact(model, policy.split(mask))
+    if args.reinit:  # keep the widths CRL found, train them from random initialisation (Liu et al., ICLR 2019)
+        small = build(args.arch, small.widths, data['classes']).to(device)
     if data['channels_last']:
         small.to(memory_format=torch.channels_last)
     recalibrate_bn(small, data)

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import crl_prune as crl
 
@@ -69,6 +70,26 @@ def test_compaction_gives_the_masked_networks_outputs(arch):
     masked = model(x, [g[None] for g in policy.split(mask)])
     torch.testing.assert_close(small(x), masked, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(model(x), masked)  # the mask did change the outputs
+
+
+@pytest.mark.parametrize('arch', ['vgg11', 'resnet18'])
+def test_reward_of_a_mask_depends_on_that_mask_alone(arch):
+    """In a training forward pass of K masks, sub-network k's outputs do not change with the other masks of the batch
+    (minimal, full, copies of it, random), and equal what its compact network computes in training mode."""
+    torch.manual_seed(5)
+    model = randomise_bn(crl.build(arch, crl.dense_widths(arch, 0.125), 10)).train()
+    policy = crl.Policy(model.widths, 0.5)
+    x = torch.randn(4, 3, 32, 32)
+    mask = random_mask(policy)
+    full = torch.ones_like(mask)
+    outputs = []
+    for others in ([crl.minimal_mask(policy)] * 3, [full] * 3, [mask] * 3, [random_mask(policy) for _ in range(3)]):
+        masks = torch.stack([mask, *others])
+        outputs.append(model(torch.cat([x] * 4), policy.split(masks))[:4])
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0], rtol=1e-5, atol=1e-5)
+    small = crl.compact(model, policy.split(mask)).train()
+    torch.testing.assert_close(small(x), outputs[0], rtol=1e-4, atol=1e-4)
 
 
 def test_resnet_residual_sums_share_one_group():
@@ -457,6 +478,18 @@ def test_end_to_end_tiny_run(tmp_path, tiny):
     again = crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / 'again'), '--pretrained', str(out / 'dense.pt'),
                       '--prune-epochs', '0', '--finetune-epochs', '0'])
     assert again['dense']['accuracy'] == saved['dense']['accuracy']
+
+
+def test_reinit_keeps_the_widths_and_drops_the_inherited_weights(tmp_path, tiny):
+    runs = {flag: crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / str(i)), '--finetune-epochs', '0', *flag])
+            for i, flag in enumerate(((), ('--reinit',)))}
+    assert runs[()]['channels'] == runs[('--reinit',)]['channels']  # same seed, same policy, same widths
+    weights = [torch.load(tmp_path / str(i) / 'pruned.pt', weights_only=True)['state_dict']['convs.0.layer.weight']
+               for i in range(2)]
+    dense = torch.load(tmp_path / '0' / 'dense.pt', weights_only=True)['state_dict']['convs.0.layer.weight']
+    closest = [max(F.cosine_similarity(w[0].flatten(), d.flatten(), 0).item() for d in dense) for w in weights]
+    assert closest[0] > 0.95  # fine-tuning starts from the filters the dense network (then pruning) trained
+    assert closest[1] < 0.9   # --reinit from fresh ones
 
 
 def test_script_runs_resnet18_from_the_command_line(tmp_path, tiny):
