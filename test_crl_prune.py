@@ -199,6 +199,56 @@ def test_lagrangian_meets_a_budget_with_the_most_valuable_channels():
 
 # --- 6. final mask ------------------------------------------------------------------------------------------------------
 
+class SignalToy(nn.Module):
+    """One group of 8 channels: channel c passes one colour plane's mean to a linear classifier. Channels 0 and 1
+    see the plane that holds the label, channels 2-7 the two planes of noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 2)
+        self.register_buffer('proj', torch.zeros(3, 8).index_put_((torch.tensor([0, 0, 1, 1, 1, 2, 2, 2]),
+                                                                   torch.arange(8)), torch.tensor(1.)))
+
+    def forward(self, x, masks=None):
+        h = x.mean((2, 3)) @ self.proj
+        if masks is not None:  # slice k of the batch under mask k
+            h = (h.view(len(masks[0]), -1, 8) * masks[0][:, None]).flatten(0, 1)
+        return self.head(h)
+
+
+def signal_data(n=512):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.empty(n, 3, 32, 32, dtype=torch.uint8)
+    x[:, 0] = (60 + 120 * y).view(n, 1, 1).to(torch.uint8)  # the label's plane
+    x[:, 1:] = torch.randint(0, 256, (n, 2, 1, 1), generator=g, dtype=torch.uint8)  # noise
+    return {'train': (x, y), 'test': (x, y), 'classes': 2, 'mean': x.float().mean((0, 2, 3)) / 255,
+            'std': x.float().std((0, 2, 3)) / 255, 'bf16': False, 'channels_last': False}
+
+
+def test_pruning_phase_keeps_the_channels_that_carry_the_signal():
+    """The whole pruning loop (crl_step, REINFORCE, the policy's optimiser, the dual step, the weights' SGD) on a task
+    where two of eight channels carry the label and the budget allows a quarter of them: the policy must keep a
+    signal channel, the multiplier must push the noise channels out, and the weights must learn the task."""
+    torch.manual_seed(0)
+    args = crl.parse_args(['--samples', '8', '--batch-size', '64', '--prune-epochs', '30', '--log-every', '1000000'])
+    model, data, policy = SignalToy(), signal_data(), crl.Policy([8], 0.9)
+    costs = {'share': lambda kept: kept[:, 0].double() / 8}
+    budget = torch.tensor([0.25], dtype=torch.float64)
+    lams = []
+    real_dual_step = crl.dual_step
+    with pytest.MonkeyPatch.context() as mp:  # record the multiplier at every step
+        mp.setattr(crl, 'dual_step', lambda *a: lams.append(real_dual_step(*a)[1].item()) or real_dual_step(*a))
+        crl.prune(model, policy, costs, budget, data, args)
+    p = torch.sigmoid(policy.theta.detach())
+    assert p[:2].max() > 0.9 and p[2:].max() < 0.5, p
+    assert max(lams[:20]) > 0 and len(lams) == 30 * 8  # over budget at first: the multiplier rises, every step
+    assert crl.final_mask(policy, costs, budget)[:2].sum() >= 1
+    model.eval()
+    x, y = next(crl.batches(data, 'test', 512, train=False))
+    assert (model(x, [torch.tensor([[1., 1, 0, 0, 0, 0, 0, 0]])]).argmax(1) == y).float().mean() > 0.95
+
+
 @pytest.mark.parametrize('arch', ['vgg16', 'resnet18'])
 def test_final_mask_meets_and_uses_random_budgets(arch):
     torch.manual_seed(3)
@@ -250,6 +300,38 @@ def test_final_mask_rejects_an_infeasible_budget():
 
 
 # --- 8. data -------------------------------------------------------------------------------------------------------------
+
+def test_batches_are_normalised_with_the_training_statistics():
+    data = signal_data(64)
+    x = torch.cat([xb for xb, _ in crl.batches(data, 'train', 16, train=False)])
+    torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(x.std((0, 2, 3)), torch.ones(3), atol=1e-2, rtol=0)
+
+
+def test_evaluate_uses_the_running_statistics():
+    """Accuracy in eval mode: with BN running statistics far from the batch's own, train mode would differ."""
+    torch.manual_seed(6)
+    model = randomise_bn(crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 2))
+    data = signal_data(200)
+    x, y = next(crl.batches(data, 'test', 200, train=False))
+    expected = (model.eval()(x).argmax(1) == y).float().mean().item()
+    assert (model.train()(x).argmax(1) == y).float().mean().item() != expected  # the two modes disagree here
+    assert crl.evaluate(model, data) == pytest.approx(expected)
+    assert model.training  # and the model is left as it was found, training
+
+
+def test_recalibrate_bn_measures_the_network_on_training_data():
+    torch.manual_seed(7)
+    model = randomise_bn(crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 2))
+    data = signal_data(256)
+    crl.recalibrate_bn(model, data)
+    x = torch.cat([xb for xb, _ in crl.batches(data, 'train', 256, train=False)])
+    first = crl.units(model)[0]
+    with torch.no_grad():
+        out = first.layer(crl.augment(x))
+    torch.testing.assert_close(first.bn.running_mean, out.mean((0, 2, 3)), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(first.bn.running_var, out.var((0, 2, 3)), atol=0.05, rtol=0.1)
+
 
 def test_augment_is_a_shifted_possibly_flipped_window():
     torch.manual_seed(0)
