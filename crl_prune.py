@@ -27,6 +27,7 @@ Sections, in pipeline order:
   9. Command line                   checks every input before any long work, then runs the pipeline
 """
 import argparse
+import copy
 import functools
 import json
 import math
@@ -244,6 +245,230 @@ def make_costs(model, names):
 
 
 COSTS = ['params', 'macs']
+
+
+# --- 2b. Measured latency: a per-unit table to predict it during pruning, the compact network timed at the end ----
+# Each unit (conv or linear, BN, ReLU) is timed alone on the target device at a small grid of kept (input, output)
+# widths; bilinear interpolation fills in every width pair. Units timed alone do not add up to the whole network
+# (pools, additions, per-call overheads, caches), so whole networks at ten widths are timed too and the prediction is
+# a * (sum over units) + b, fit to them by least squares. A step's K candidates cost one gather over the flattened
+# tables. The prediction only steers the policy; the budget is checked by timing the compact network itself
+# (`fit_latency`, in `main`).
+
+@torch.no_grad()
+def time_forward(net, x, run, repeats=20, warmup=3):
+    """Median seconds of net(x) with the run's precision (`numerics`): warm-up first, CUDA events on a GPU."""
+    times = []
+    for _ in range(warmup + repeats):
+        if run['device'].type == 'cuda':
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            with autocast(run):
+                net(x)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t = time.perf_counter()
+            with autocast(run):
+                net(x)
+            times.append(time.perf_counter() - t)
+    return sorted(times[warmup:])[repeats // 2]
+
+
+def latency_device_name(run):
+    d = run['device']
+    return torch.cuda.get_device_name(d) if d.type == 'cuda' else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def image(batch, channels, shape, run):
+    fmt = torch.channels_last if run['channels_last'] and len(shape) == 2 else torch.contiguous_format
+    return torch.randn(batch, channels, *shape, device=run['device']).contiguous(memory_format=fmt)
+
+
+def latency_meta(model, run, batch):
+    """What a latency table depends on: a table is reused only where all of it matches."""
+    return {'arch': model.arch, 'widths': list(model.widths), 'num_classes': model.num_classes,
+            'device': latency_device_name(run), 'batch': batch, 'bf16': run['bf16'],
+            'channels_last': run['channels_last'], 'torch': torch.__version__.split('+')[0]}
+
+
+@torch.no_grad()
+def build_latency_table(model, run, batch, repeats=7):
+    """Milliseconds of every unit alone at a grid of (kept input, kept output) widths, and the dense network's own
+    measured latency, on `run`'s device, precision and memory format, at `batch` images, in eval mode."""
+    model = copy.deepcopy(model).eval().to(run['device'])
+    shapes = {}  # unit -> its input's shape without the batch dim
+    hooks = [u.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, tuple(i[0].shape[2:]))) for u in units(model)]
+    model(torch.zeros(1, 3, 32, 32, device=run['device']))
+    for h in hooks:
+        h.remove()
+    grid = lambda g, fixed: [fixed] if g is None else sorted({1, *(max(1, round(model.widths[g] * f))  # noqa: E731
+                                                                  for f in (0.25, 0.5, 0.75, 1))})
+    timed, tables = {}, []
+    for u in units(model):
+        gin, gout = grid(u.inp, 3), grid(u.out, model.num_classes)
+        ms = torch.zeros(len(gin), len(gout), dtype=torch.float64)
+        for a, ci in enumerate(gin):
+            for b, co in enumerate(gout):
+                if isinstance(u.layer, nn.Conv2d):
+                    c = u.layer
+                    key = ('conv', ci, co, c.kernel_size, c.stride, shapes[u])
+                    make = lambda: nn.Sequential(nn.Conv2d(ci, co, c.kernel_size, c.stride, c.padding, bias=False),  # noqa: E731
+                                                 nn.BatchNorm2d(co), nn.ReLU())
+                else:
+                    key = ('linear', ci, co, type(u.bn).__name__)
+                    make = lambda: nn.Sequential(nn.Linear(ci, co), type(u.bn)(co) if isinstance(u.bn, nn.BatchNorm1d)  # noqa: E731
+                                                 else nn.Identity())
+                if key not in timed:
+                    net = make().eval().to(run['device'])
+                    x = image(batch, ci, shapes[u], run)
+                    timed[key] = 1000 * time_forward(net.to(memory_format=torch.channels_last) if x.dim() == 4 and
+                                                     run['channels_last'] else net, x, run, repeats)
+                ms[a, b] = timed[key]
+        tables.append({'inp': u.inp, 'out': u.out, 'grid_in': gin, 'grid_out': gout, 'ms': ms})
+    # Calibration: whole networks at a few widths (uniformly thinned, and random), measured, fit to
+    # a * (sum of the units' table values) + b by least squares: b holds pools, additions and per-call overheads.
+    table = {'meta': latency_meta(model, run, batch), 'units': tables, 'a': 1.0, 'b': 0.0}
+    g = torch.Generator().manual_seed(0)
+    dense = torch.tensor(model.widths)
+    keep = torch.cat([torch.tensor([[1.0], [0.75], [0.5], [0.25], [0.1]]).expand(5, len(dense)),
+                      torch.rand(5, len(dense), generator=g) * 0.9 + 0.1])
+    widths = (dense * keep).round().clamp(min=1).long()
+    sums = Latency(table).predict_ms(widths)
+    measured = torch.tensor([Latency.time_network(build(model.arch, w.tolist(), model.num_classes), run, batch,
+                                                  3 * repeats if i == 0 else repeats) for i, w in enumerate(widths)],
+                            dtype=torch.float64)
+    (a, b), = torch.linalg.lstsq(torch.stack([sums, torch.ones_like(sums)], 1), measured[:, None]).solution.T.tolist()
+    return {**table, 'a': a, 'b': b, 'dense_ms': measured[0].item()}
+
+
+def interpolation(grid, n):
+    """(n + 1, len(grid)) weights: row c interpolates (linearly, extrapolating at the ends) grid values at width c."""
+    if len(grid) == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    g, c = torch.tensor(grid, dtype=torch.float64), torch.arange(n + 1, dtype=torch.float64)
+    j = (torch.searchsorted(g, c, right=True) - 1).clamp(0, len(g) - 2)
+    t = (c - g[j]) / (g[j + 1] - g[j])
+    m = torch.zeros(n + 1, len(g), dtype=torch.float64)
+    m[torch.arange(n + 1), j], m[torch.arange(n + 1), j + 1] = 1 - t, t
+    return m
+
+
+class Latency:
+    """The latency cost: C(widths) = predicted latency / measured dense latency, for K width vectors at once."""
+
+    def __init__(self, table):
+        self.table, self.dense_ms, g = table, table.get('dense_ms'), len(table['meta']['widths'])
+        flat, offsets, rows, cols, strides = [], [], [], [], []
+        for t in table['units']:  # every unit's table at every integer width pair, flattened one after the other
+            full = interpolation(t['grid_in'], t['grid_in'][-1]) @ t['ms'] @ interpolation(t['grid_out'],
+                                                                                           t['grid_out'][-1]).T
+            offsets.append(sum(f.numel() for f in flat))
+            rows.append(g if t['inp'] is None else t['inp'])  # column g of the widths is a constant 0: fixed dims
+            cols.append(g if t['out'] is None else t['out'])
+            strides.append(full.shape[1])
+            flat.append(full.flatten())
+        self.flat = torch.cat(flat)
+        self.index = [torch.tensor(v) for v in (offsets, rows, cols, strides)]
+
+    def predict_ms(self, widths):
+        offsets, rows, cols, strides = (v.to(widths.device) for v in self.index)
+        w = torch.cat([widths, torch.zeros_like(widths[..., :1])], -1)
+        self.flat = self.flat.to(widths.device)
+        return self.flat[offsets + w[..., rows] * strides + w[..., cols]].sum(-1) * self.table['a'] + self.table['b']
+
+    def __call__(self, widths):
+        return self.predict_ms(widths) / self.dense_ms
+
+    def measure_ms(self, model, run):
+        return self.time_network(model, run, self.table['meta']['batch'])
+
+    @staticmethod
+    def time_network(model, run, batch, repeats=21):
+        """Measured milliseconds of a whole network: eval mode, warm-up, median of `repeats`."""
+        net = copy.deepcopy(model).eval().to(run['device'])
+        if run['channels_last']:
+            net.to(memory_format=torch.channels_last)
+        return 1000 * time_forward(net, image(batch, 3, (32, 32), run), run, repeats)
+
+
+def latency_cost(model, args):
+    """The latency cost of `model` on --latency-device: the table from --latency-table, checked against this run,
+    or built now and saved in --out."""
+    run = numerics(args.latency_device_t, args.bf16, args.channels_last)
+    if args.latency_table:
+        try:
+            table = torch.load(args.latency_table, map_location='cpu', weights_only=True)
+            meta = table['meta']
+        except Exception as e:
+            fail(f"--latency-table {args.latency_table}: not a latency table ({type(e).__name__})")
+        want = latency_meta(model, run, args.latency_batch)
+        wrong = [k for k in want if meta.get(k) != want[k]]
+        if wrong:
+            fail(f"--latency-table {args.latency_table}: made for another " + ', '.join(
+                f"{k} ({meta.get(k)!r}, this run: {want[k]!r})" for k in wrong))
+        build_s = 0.0
+    else:
+        t0 = time.time()
+        table = build_latency_table(model, run, args.latency_batch)
+        build_s = time.time() - t0
+        os.makedirs(args.out, exist_ok=True)
+        torch.save(table, os.path.join(args.out, 'latency_table.pt'))
+        print(f"latency table: {len(table['units'])} units timed on {table['meta']['device']} at batch "
+              f"{args.latency_batch} in {build_s:.1f} s; dense network {table['dense_ms']:.3f} ms")
+    cost = Latency(table)
+    cost.run, cost.build_s = run, build_s
+    return cost
+
+
+# --- 2c. User-defined costs: any function of the kept widths, a black box -------------------------------------------
+# --cost NAME=path/to/file.py:function registers `function(widths, group_names)`: widths is a (K, groups) int64 CPU
+# tensor (kept channels per group of K candidate networks), group_names the groups' names in order; it returns K
+# numbers (any sequence or tensor), the cost of each candidate in its own unit. It is called once per pruning step
+# with all K candidates, never differentiated; budgets are fractions of its value at the dense widths (or absolute
+# values in its unit).
+
+def user_cost(spec, model):
+    """NAME=path.py:function -> (NAME, C(widths) -> fraction of the dense value); a bad file is a one-line error."""
+    import importlib.util
+    name, _, target = spec.partition('=')
+    path, _, fn_name = target.rpartition(':')
+    where = f"--cost {spec}"
+    if not name.isidentifier() or not path or not fn_name:
+        fail(f"{where}: write NAME=path/to/file.py:function")
+    if name in COSTS + ['latency']:
+        fail(f"{where}: {name!r} is a built-in cost; choose another name")
+    if not os.path.isfile(path):
+        fail(f"{where}: no such file {path}")
+    try:
+        module_spec = importlib.util.spec_from_file_location(f"crl_user_cost_{name}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        fail(f"{where}: cannot import {path} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        fail(f"{where}: {path} has no function {fn_name!r}")
+
+    def evaluate_fn(widths):
+        try:
+            v = torch.as_tensor(fn(widths.cpu(), list(model.group_names)), dtype=torch.float64).flatten()
+        except Exception as e:
+            fail(f"{where}: the function raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        if v.shape != (len(widths),):
+            fail(f"{where}: returned {tuple(v.shape)} values for {len(widths)} candidates; return one per candidate")
+        if not torch.isfinite(v).all():
+            fail(f"{where}: returned a non-finite value ({v.tolist()[:4]})")
+        return v.to(widths.device)
+
+    probe = torch.tensor([model.widths, [1] * len(model.widths)])
+    dense = evaluate_fn(probe)[0].item()  # also checks shape and finiteness on two candidates before any training
+    if not dense > 0:
+        fail(f"{where}: the dense network's cost is {dense}; it must be positive to take fractions of it")
+    fraction = lambda widths: evaluate_fn(widths) / dense  # noqa: E731
+    fraction.dense = dense
+    return name, fraction
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -509,12 +734,12 @@ def numerics(device, bf16='auto', channels_last='auto'):
     float32/float64) and the channels_last memory format. 'auto' turns both on on CUDA and off elsewhere; 'on' and
     'off' force them on any device, so the CPU tests exercise the GPU path."""
     pick = lambda v: device.type == 'cuda' if v == 'auto' else v == 'on'  # noqa: E731
-    return {'bf16': pick(bf16), 'channels_last': pick(channels_last)}
+    return {'device': device, 'bf16': pick(bf16), 'channels_last': pick(channels_last)}
 
 
-def autocast(data):
-    """bf16 autocast where `data` asks for it, on the device that holds the data."""
-    return torch.autocast(data['train'][0].device.type, dtype=torch.bfloat16, enabled=data['bf16'])
+def autocast(run):
+    """bf16 autocast where `run` (the data, or any dict from `numerics`) asks for it, on its device."""
+    return torch.autocast(run['device'].type, dtype=torch.bfloat16, enabled=run['bf16'])
 
 
 @torch.no_grad()
@@ -667,8 +892,14 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description='Prune a CIFAR network under a budget with constrained RL.')
     p.error = fail  # bad arguments: one line, like every other bad input
     p.add_argument('--arch', default='vgg16', help=f"one of {', '.join(ARCHS)}")
-    p.add_argument('--budget', default='params=0.1', help="comma-separated name=fraction of the dense network, "
-                   "names: params, macs (e.g. params=0.1,macs=0.5)")
+    p.add_argument('--budget', default='params=0.1', help="comma-separated name=fraction of the dense network or "
+                   "name=value with a unit; names: params, macs, latency and those of --cost (e.g. params=0.1,"
+                   "macs=40M, latency=0.3, latency=2.5ms)")
+    p.add_argument('--cost', action='append', default=[], metavar='NAME=FILE.py:FUNCTION',
+                   help='register a cost function(widths, group_names) -> K values (repeatable); see README')
+    p.add_argument('--latency-device', help='where latency is measured (default: the run\'s device)')
+    p.add_argument('--latency-batch', type=int, default=1, help='batch size at which latency is measured')
+    p.add_argument('--latency-table', help='reuse the latency_table.pt of an earlier run (same device, batch, arch)')
     p.add_argument('--dataset', default='cifar10', choices=['cifar10', 'cifar100'], help='torchvision dataset')
     p.add_argument('--data', help='an ImageFolder directory with train/ and test/ (or val/); replaces --dataset')
     p.add_argument('--data-root', default='./data', help='where --dataset is downloaded')
@@ -705,7 +936,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.arch not in ARCHS:
         fail(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
-    args.budget_dict = parse_budget(args.budget)
+    names = [spec.partition('=')[0] for spec in args.cost]
+    args.budget_parsed = parse_budget(args.budget, COSTS + ['latency'] + names)
+    if args.latency_batch < 1:
+        fail('--latency-batch must be >= 1')
     for name in ('dense_epochs', 'prune_epochs', 'finetune_epochs', 'subset'):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0")
@@ -722,21 +956,45 @@ def parse_args(argv):
     return args
 
 
-def parse_budget(text):
-    """'params=0.1,macs=0.5' -> {'params': 0.1, 'macs': 0.5}; fractions of the dense network in (0, 1]."""
+UNITS = {'K': 1e3, 'M': 1e6, 'G': 1e9, 'us': 1e-3, 'ms': 1.0, 's': 1e3}  # counts; latency in ms
+
+
+def parse_budget(text, names=COSTS + ['latency']):
+    """'params=0.1,macs=40M,latency=2.5ms' -> {name: (number, unit)}: a plain number is a fraction of the dense
+    network in (0, 1]; with a unit it is absolute (K, M, G for counts; us, ms, s for latency), resolved against the
+    dense network by `resolve_budget`."""
     budget = {}
     for item in text.split(','):
         name, _, value = item.partition('=')
-        name = name.strip()
-        if name not in COSTS:
-            fail(f"--budget {text!r}: unknown cost {name!r}; use {' or '.join(COSTS)}, e.g. params=0.1")
+        name, value = name.strip(), value.strip()
+        if name not in names:
+            fail(f"--budget {text!r}: unknown cost {name!r}; use {', '.join(names)} (or register one with --cost)")
+        if name in budget:
+            fail(f"--budget {text!r}: {name} is given twice")
+        unit = next((u for u in sorted(UNITS, key=len, reverse=True) if value.endswith(u)), '')
         try:
-            budget[name] = float(value)
+            number = float(value[:len(value) - len(unit)])
         except ValueError:
-            fail(f"--budget {text!r}: {value!r} is not a number; write name=fraction, e.g. params=0.1")
-        if not 0 < budget[name] <= 1:
-            fail(f"--budget {text!r}: {name} must be a fraction of the dense network in (0, 1]")
+            fail(f"--budget {text!r}: {value!r} is not a number; write name=fraction (params=0.1) or name=value with "
+                 f"a unit (params=1.5M, latency=2.5ms)")
+        if unit and (unit in ('us', 'ms', 's')) != (name == 'latency'):
+            fail(f"--budget {text!r}: {name} takes {'us, ms or s' if name == 'latency' else 'K, M or G'}, not {unit}")
+        if not math.isfinite(number) or number <= 0 or (not unit and number > 1):
+            fail(f"--budget {text!r}: {name} must be a fraction of the dense network in (0, 1], or a positive value "
+                 f"with a unit (e.g. params=1.5M, latency=2.5ms)")
+        budget[name] = (number, unit)
     return budget
+
+
+def resolve_budget(budget, dense):
+    """{name: (number, unit)} and the dense network's own value of every cost -> {name: fraction of it}."""
+    fractions = {}
+    for name, (number, unit) in budget.items():
+        fractions[name] = number * UNITS[unit] / dense[name] if unit else number
+        if fractions[name] > 1:
+            fail(f"--budget {name}={number:g}{unit}: more than the dense network's {dense[name]:g}"
+                 f"{'ms' if name == 'latency' else ''}; nothing to prune")
+    return fractions
 
 
 def load_dense(args, model):
@@ -755,27 +1013,7 @@ def inference_speed(model, data, repeats=20):
     """Median batch-1 latency (ms) and batch-512 throughput (images/s) in eval mode, with the run's precision and
     memory format, after 3 warm-up runs; timed with CUDA events on a GPU."""
     model.eval()
-    device = data['train'][0].device
-    fmt = torch.channels_last if data['channels_last'] else torch.contiguous_format
-    median = {}
-    for batch in (1, 512):
-        x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
-        times = []
-        for _ in range(repeats + 3):
-            if device.type == 'cuda':
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                with autocast(data):
-                    model(x)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1000)
-            else:
-                t = time.perf_counter()
-                with autocast(data):
-                    model(x)
-                times.append(time.perf_counter() - t)
-        median[batch] = sorted(times[3:])[repeats // 2]
+    median = {b: time_forward(model, image(b, 3, (32, 32), data), data, repeats) for b in (1, 512)}
     model.train()
     return {'latency_ms_batch1': 1000 * median[1], 'images_per_s_batch512': 512 / median[512]}
 
@@ -795,14 +1033,53 @@ def print_speed(results):
           f"{results['dense']['macs'] / results['pruned']['macs']:.2f}x fewer")
 
 
+def get_device(name, flag):
+    try:
+        device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name)
+    except RuntimeError:
+        fail(f"{flag} {name}: not a device; use auto, cpu, cuda or cuda:N")
+    if device.type not in ('cpu', 'cuda') or (device.type == 'cuda' and not torch.cuda.is_available()):
+        fail(f"{flag} {name}: not available on this machine; use cpu{' or cuda' if torch.cuda.is_available() else ''}")
+    return device
+
+
+def build_costs(model, args):
+    """Every budgeted cost as a black box C(widths) -> fraction of the dense network, in the budget's order, with
+    the dense network's own value of each (for absolute budgets and the report)."""
+    names = list(args.budget_parsed)
+    costs = make_costs(model, [n for n in names if n in COSTS])
+    params, macs = measure(model)
+    dense = {'params': params, 'macs': macs}
+    for spec in args.cost:
+        name, cost = user_cost(spec, model)
+        costs[name], dense[name] = cost, cost.dense
+    if 'latency' in names:
+        costs['latency'] = latency_cost(model, args)
+        dense['latency'] = costs['latency'].dense_ms
+    return {n: costs[n] for n in names}, dense
+
+
+def fit_latency(model, policy, costs, budget, multiple):
+    """The final mask, cut shorter along the same ranking until the compact network's *measured* latency meets its
+    budget: each round holds the prediction to a budget lowered by the measured overshoot. Returns the mask and
+    its measured latency as a fraction of the dense network's."""
+    latency, j = costs['latency'], list(costs).index('latency')
+    target, b = budget[j].item(), budget.clone()
+    for _ in range(10):
+        mask = final_mask(policy, costs, b, multiple)
+        measured = latency.measure_ms(compact(model, policy.split(mask)), latency.run) / latency.dense_ms
+        if measured <= target:
+            break
+        b[j] = b[j] * min(target / measured, 0.98)
+        if not within(policy, costs, b, minimal_mask(policy, multiple)):
+            break  # nothing smaller to try: reported as over budget
+    return mask, measured
+
+
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
-    except RuntimeError:
-        fail(f"--device {args.device}: not a device; use auto, cpu, cuda or cuda:N")
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        fail(f"--device {args.device}: CUDA is not available on this machine")
+    device = get_device(args.device, '--device')
+    args.latency_device_t = get_device(args.latency_device, '--latency-device') if args.latency_device else device
     outputs = [os.path.join(args.out, f) for f in ('results.json', 'dense.pt', 'pruned.pt')]
     if not args.overwrite and any(os.path.exists(f) for f in outputs):
         fail(f"--out {args.out} already holds results; pass --overwrite to replace them or choose another --out")
@@ -818,9 +1095,10 @@ def main(argv=None):
     model = build(args.arch, widths, classes)
     if args.pretrained:
         load_dense(args, model)
-    budget_names = list(args.budget_dict)
-    costs = make_costs(model, budget_names)
-    budget = torch.tensor(list(args.budget_dict.values()), dtype=torch.float64)
+    costs, dense_cost = build_costs(model, args)
+    budget_names = list(costs)
+    fraction_budget = resolve_budget(args.budget_parsed, dense_cost)
+    budget = torch.tensor(list(fraction_budget.values()), dtype=torch.float64)
     policy = Policy(widths, args.init_keep)
     multiple = args.channel_multiple or (8 if device.type == 'cuda' else 1)
     if not within(policy, costs, budget, minimal_mask(policy, multiple)):
@@ -850,8 +1128,11 @@ def main(argv=None):
     speed['prune'], lam = prune(model, policy, costs, budget, data, args)
     times['prune'] = time.time() - t0
 
-    # 3. the final mask, physically compacted, then fine-tuned
-    mask = final_mask(policy, costs, budget, multiple)
+    # 3. the final mask (for a latency budget: checked by timing the compact network), compacted, then fine-tuned
+    if 'latency' in costs:
+        mask, measured_latency = fit_latency(model, policy, costs, budget, multiple)
+    else:
+        mask = final_mask(policy, costs, budget, multiple)
     small = compact(model, policy.split(mask))
     if args.reinit:  # keep the widths CRL found, train them from random initialisation (Liu et al., ICLR 2019)
         small = build(args.arch, small.widths, data['classes']).to(device)
@@ -867,11 +1148,17 @@ def main(argv=None):
     save_model(small, outputs[2], data['mean'], data['std'])
 
     (dp, dm), (pp, pm) = measure(model), measure(small)
-    fractions = {'params': pp / dp, 'macs': pm / dm}
+    fractions = {'params': pp / dp, 'macs': pm / dm}  # counted on the compact network itself
+    kept = torch.tensor([small.widths])
+    fractions.update({n: c(kept).item() for n, c in costs.items() if n not in COSTS + ['latency']})  # user costs
+    if 'latency' in costs:
+        fractions['latency'] = measured_latency  # measured, not predicted
     results = {
         'arch': args.arch, 'width': args.width, 'data': args.data or args.dataset, 'device': str(device),
-        'budget': args.budget_dict,
-        'budget_met': all(fractions[k] <= b for k, b in args.budget_dict.items()),
+        'budget': fraction_budget,
+        'budget_absolute': {n: b * dense_cost[n] for n, b in fraction_budget.items()},
+        'budget_met': all(fractions[k] <= b for k, b in fraction_budget.items()),
+        'fractions': {n: fractions[n] for n in budget_names},
         'dense': {'params': dp, 'macs': dm, 'accuracy': dense_acc},
         'pruned': {'params': pp, 'macs': pm, 'accuracy': pruned_acc, 'accuracy_before_finetune': acc_before,
                    'params_fraction': fractions['params'], 'macs_fraction': fractions['macs']},
@@ -880,8 +1167,19 @@ def main(argv=None):
         'keep_probability_mean': torch.sigmoid(policy.theta).mean().item(), 'channel_multiple': multiple,
         'multipliers': dict(zip(budget_names, lam.tolist())),
         'time_s': times, 'images_per_s': {phase: s['images_per_s'] for phase, s in speed.items()},
-        'overhead_s': {phase: s['overhead_s'] for phase, s in speed.items()}, 'args': {k: v for k, v in vars(args).items() if k != 'budget_dict'},
+        'overhead_s': {phase: s['overhead_s'] for phase, s in speed.items()}, 'args': {k: v for k, v in vars(args).items() if k not in ('budget_parsed', 'latency_device_t')},
     }
+    if 'latency' in costs:
+        lat = costs['latency']
+        results['latency'] = {
+            'device': lat.table['meta']['device'], 'batch': args.latency_batch, 'bf16': lat.run['bf16'],
+            'channels_last': lat.run['channels_last'], 'table_build_s': lat.build_s,
+            'dense_measured_ms': lat.dense_ms, 'dense_predicted_ms': lat.predict_ms(torch.tensor([model.widths])).item(),
+            'pruned_measured_ms': measured_latency * lat.dense_ms,
+            'pruned_predicted_ms': lat.predict_ms(kept).item()}
+        print(f"latency on {lat.table['meta']['device']}, batch {args.latency_batch}: dense {lat.dense_ms:.3f} ms, "
+              f"pruned {measured_latency * lat.dense_ms:.3f} ms measured ({measured_latency:.3f} of dense, "
+              f"budget {fraction_budget['latency']:.3f}), {results['latency']['pruned_predicted_ms']:.3f} ms predicted")
     if args.speed:
         results['speed'] = {'dense': inference_speed(model, data), 'pruned': inference_speed(small, data)}
         print_speed(results)

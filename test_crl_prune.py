@@ -223,7 +223,7 @@ def signal_data(n=512):
     x[:, 0] = (60 + 120 * y).view(n, 1, 1).to(torch.uint8)  # the label's plane
     x[:, 1:] = torch.randint(0, 256, (n, 2, 1, 1), generator=g, dtype=torch.uint8)  # noise
     return {'train': (x, y), 'test': (x, y), 'classes': 2, 'mean': x.float().mean((0, 2, 3)) / 255,
-            'std': x.float().std((0, 2, 3)) / 255, 'bf16': False, 'channels_last': False}
+            'std': x.float().std((0, 2, 3)) / 255, **crl.numerics(torch.device('cpu'))}
 
 
 def test_pruning_phase_keeps_the_channels_that_carry_the_signal():
@@ -405,7 +405,7 @@ def test_pruning_step_in_bf16_and_channels_last(arch):
         if u.out is not None:
             u.register_forward_hook(lambda m, i, o: last.update({m: o}))
     data = {'train': (x, y), **crl.numerics(torch.device('cpu'), 'on', 'on')}
-    assert data == {'train': (x, y), 'bf16': True, 'channels_last': True}
+    assert data == {'train': (x, y), 'device': torch.device('cpu'), 'bf16': True, 'channels_last': True}
     with crl.autocast(data):
         loss, policy_loss, cost, logits = crl.crl_step(model, policy, costs, torch.tensor([0.5, 0.5]).double(),
                                                        torch.ones(2).double(), x, y, 4)

@@ -88,8 +88,9 @@ def throughput(arch, device, compile_, args):
     model = crl.build(arch, crl.dense_widths(arch, args.width), 10).to(device)
     fmt = torch.channels_last if data['channels_last'] else torch.contiguous_format
     model.to(memory_format=fmt)
-    costs = crl.make_costs(model, list(targs.budget_dict))
-    budget = torch.tensor(list(targs.budget_dict.values()), dtype=torch.float64, device=device)
+    costs, dense = crl.build_costs(model, targs)
+    budget = torch.tensor(list(crl.resolve_budget(targs.budget_parsed, dense).values()), dtype=torch.float64,
+                          device=device)
     policy = crl.Policy(model.widths, 0.9).to(device)
     dense = crl.train(model, data, 1, 0.01, targs, 'dense')
     prune, _ = crl.prune(model, policy, costs, budget, data, targs)
