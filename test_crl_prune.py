@@ -534,6 +534,119 @@ def test_cli_error_is_one_line_on_stderr_with_nonzero_exit():
     assert r.stderr.strip().count('\n') == 0 and 'params=abc' in r.stderr and r.stdout == ''
 
 
+# --- costs that can only be evaluated: latency, user functions, absolute budgets --------------------------------------
+
+COST_FILE = """
+import torch
+def energy(widths, names):      # any function of the kept widths: here squares, so not the parameter count
+    assert names[0] == 'conv1'
+    return (widths.double() ** 2).sum(1) + 1.0
+def bumpy(widths, names):       # falls when channels are added to conv2: not monotone
+    return widths[:, 0].double() * 10 - widths[:, 1].double() * 2 + 20
+def wrong_shape(widths, names):
+    return [1.0, 2.0, 3.0]
+def nan(widths, names):
+    return torch.full((len(widths),), float('nan'))
+def zero(widths, names):
+    return torch.zeros(len(widths))
+"""
+
+
+def test_user_cost_is_respected_by_the_compact_network(tmp_path, tiny):
+    path = tmp_path / 'costs.py'
+    path.write_text(COST_FILE)
+    r = crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / 'out'), '--cost', f'energy={path}:energy',
+                  '--budget', 'energy=0.2,params=0.9'])
+    widths = torch.tensor([list(r['channels'].values())])
+    dense = torch.tensor([list(r['dense_channels'].values())])
+    value = lambda w: ((w.double() ** 2).sum(1) + 1).item()  # noqa: E731
+    assert r['fractions']['energy'] == pytest.approx(value(widths) / value(dense))
+    assert value(widths) <= 0.2 * value(dense) and r['budget_met']
+    assert r['budget_absolute']['energy'] == pytest.approx(0.2 * value(dense))
+
+
+def test_non_monotone_cost_still_ends_within_budget(tmp_path, tiny):
+    path = tmp_path / 'costs.py'
+    path.write_text(COST_FILE)
+    r = crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / 'out'), '--cost', f'bumpy={path}:bumpy',
+                  '--budget', 'bumpy=0.8'])
+    w = list(r['channels'].values())
+    dense = list(r['dense_channels'].values())
+    assert (w[0] * 10 - w[1] * 2 + 20) <= 0.8 * (dense[0] * 10 - dense[1] * 2 + 20) and r['budget_met']
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('energy={missing}:energy', 'no such file'),
+    ('energy={broken}:energy', 'cannot import'),
+    ('energy={good}:nope', "no function 'nope'"),
+    ('energy={good}:wrong_shape', 'one per candidate'),
+    ('energy={good}:nan', 'non-finite'),
+    ('energy={good}:zero', 'must be positive'),
+    ('energy', 'NAME=path/to/file.py:function'),
+    ('params={good}:energy', 'built-in cost'),
+])
+def test_bad_cost_files_fail_with_one_line(tmp_path, tiny, spec, message):
+    (tmp_path / 'good.py').write_text(COST_FILE)
+    (tmp_path / 'broken.py').write_text('def energy(:\n')
+    spec = spec.format(missing=tmp_path / 'missing.py', broken=tmp_path / 'broken.py', good=tmp_path / 'good.py')
+    with pytest.raises(SystemExit) as e:
+        crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / 'out'), '--cost', spec,
+                  '--budget', f"{spec.partition('=')[0]}=0.5"])
+    assert message in str(e.value.code) and '\n' not in str(e.value.code)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_absolute_and_fractional_budgets_agree():
+    model = crl.build('vgg16', crl.dense_widths('vgg16'), 10)
+    params, macs = crl.measure(model)
+    dense = {'params': params, 'macs': macs, 'latency': 4.0}
+    absolute = crl.resolve_budget(crl.parse_budget('params=1.4987210M,macs=31.3463808M,latency=1ms'), dense)
+    fraction = crl.resolve_budget(crl.parse_budget('params=0.1,macs=0.1,latency=0.25'), dense)
+    assert absolute == pytest.approx(fraction)
+    assert crl.parse_budget('latency=2500us') == {'latency': (2500.0, 'us')}
+    for bad, message in [('params=2ms', 'K, M or G'), ('latency=3M', 'us, ms or s'), ('params=0.1,params=0.2', 'twice'),
+                         ('params=1500000', 'with a unit'), ('params=inf', 'fraction')]:
+        with pytest.raises(SystemExit, match=message):
+            crl.parse_budget(bad)
+    with pytest.raises(SystemExit, match='more than the dense'):
+        crl.resolve_budget(crl.parse_budget('params=20M'), dense)
+
+
+def test_latency_table_structure_reuse_and_refusal(tmp_path):
+    model = crl.build('resnet18', crl.dense_widths('resnet18', 0.0625), 10)
+    args = crl.parse_args(['--arch', 'resnet18', '--width', '0.0625', '--budget', 'latency=0.9',
+                           '--out', str(tmp_path / 'a')])
+    args.latency_device_t = torch.device('cpu')
+    cost = crl.latency_cost(model, args)
+    table = torch.load(tmp_path / 'a' / 'latency_table.pt', weights_only=True)
+    assert len(table['units']) == len(crl.units(model))  # one entry per unit, in order, with its groups
+    assert [(t['inp'], t['out']) for t in table['units']] == [(u.inp, u.out) for u in crl.units(model)]
+    assert all((t['ms'] > 0).all() for t in table['units']) and table['dense_ms'] > 0
+    for t, u in zip(table['units'], crl.units(model)):  # the grid spans 1 to the dense width of each group
+        assert t['grid_out'][-1] == (model.num_classes if u.out is None else model.widths[u.out])
+    widths = torch.tensor([model.widths, [1] * 12, [3] * 12])
+    assert (cost.predict_ms(widths) > 0).all() and cost(widths).shape == (3,)
+    args.latency_table = str(tmp_path / 'a' / 'latency_table.pt')  # reused as it is, nothing timed again
+    again = crl.latency_cost(model, args)
+    assert torch.equal(again.predict_ms(widths), cost.predict_ms(widths)) and again.build_s == 0
+    args.latency_batch = 4
+    with pytest.raises(SystemExit, match='made for another batch'):
+        crl.latency_cost(model, args)
+
+
+def test_latency_budget_end_to_end_reports_measured_latency(tmp_path, tiny):
+    out = tmp_path / 'out'
+    r = crl.main([*TINY, '--width', '0.25', '--data', tiny, '--out', str(out), '--budget', 'latency=0.9'])
+    saved = json.loads((out / 'results.json').read_text())
+    lat = saved['latency']
+    assert lat['device'].startswith('cpu') and lat['batch'] == 1
+    for k in ('dense_measured_ms', 'dense_predicted_ms', 'pruned_measured_ms', 'pruned_predicted_ms'):
+        assert lat[k] > 0
+    assert saved['fractions']['latency'] == pytest.approx(lat['pruned_measured_ms'] / lat['dense_measured_ms'])
+    assert saved['budget_met'] == (saved['fractions']['latency'] <= 0.9) == r['budget_met']
+    assert (out / 'latency_table.pt').exists()
+
+
 # --- end to end -------------------------------------------------------------------------------------------------------------
 
 def test_end_to_end_tiny_run(tmp_path, tiny):
