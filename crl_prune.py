@@ -17,7 +17,7 @@ the budget are kept, the network is physically compacted and fine-tuned.
 
 Sections, in pipeline order:
   1. Models with channel masks      VGG11/13/16/19 and ResNet18 for 32x32 images
-  2. Costs as black-box functions   parameters and MACs of the compact network, as fractions of the dense one
+  2. Costs as black-box functions   parameters and MACs (exact), measured latency (a per-unit table), any user function
   3. The policy                     one Bernoulli keep-probability per channel
   4. REINFORCE with a baseline      on the Lagrangian reward
   5. The dual step                  projected, damped ascent on the multipliers
@@ -251,7 +251,8 @@ COSTS = ['params', 'macs']
 # Each unit (conv or linear, BN, ReLU) is timed alone on the target device at a small grid of kept (input, output)
 # widths; bilinear interpolation fills in every width pair. Units timed alone do not add up to the whole network
 # (pools, additions, per-call overheads, caches), so whole networks at ten widths are timed too and the prediction is
-# a * (sum over units) + b, fit to them by least squares. A step's K candidates cost one gather over the flattened
+# a * (sum over units) + b, fit to them by least squares through the dense network's point (so the dense network
+# predicts its own measured latency, a fraction of exactly 1). A step's K candidates cost one gather over the flattened
 # tables. The prediction only steers the policy; the budget is checked by timing the compact network itself
 # (`fit_latency`, in `main`).
 
@@ -276,12 +277,24 @@ def time_forward(net, x, run, repeats=20, warmup=3):
     return sorted(times[warmup:])[repeats // 2]
 
 
+def unit_alone(u, cin, cout):
+    """What unit `u` computes (layer, BN, ReLU), fresh, at `cin` input and `cout` output channels: timed alone."""
+    if isinstance(u.layer, nn.Conv2d):
+        c = u.layer
+        return nn.Sequential(nn.Conv2d(cin, cout, c.kernel_size, c.stride, c.padding, bias=False),
+                             nn.BatchNorm2d(cout), nn.ReLU())
+    bn = nn.BatchNorm1d(cout) if isinstance(u.bn, nn.BatchNorm1d) else nn.Identity()
+    return nn.Sequential(nn.Linear(cin, cout), bn)
+
+
 def latency_device_name(run):
+    """The target device as a table records it; on the CPU the thread count matters as much as the chip."""
     d = run['device']
     return torch.cuda.get_device_name(d) if d.type == 'cuda' else f"cpu ({torch.get_num_threads()} threads)"
 
 
 def image(batch, channels, shape, run):
+    """Random input of `shape` (H, W) or () for a linear layer, in the run's memory format, on its device."""
     fmt = torch.channels_last if run['channels_last'] and len(shape) == 2 else torch.contiguous_format
     return torch.randn(batch, channels, *shape, device=run['device']).contiguous(memory_format=fmt)
 
@@ -299,32 +312,26 @@ def build_latency_table(model, run, batch, repeats=7):
     measured latency, on `run`'s device, precision and memory format, at `batch` images, in eval mode."""
     model = copy.deepcopy(model).eval().to(run['device'])
     shapes = {}  # unit -> its input's shape without the batch dim
-    hooks = [u.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, tuple(i[0].shape[2:]))) for u in units(model)]
+    hooks = [u.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, tuple(i[0].shape[2:])))
+             for u in units(model)]
     model(torch.zeros(1, 3, 32, 32, device=run['device']))
     for h in hooks:
         h.remove()
     grid = lambda g, fixed: [fixed] if g is None else sorted({1, *(max(1, round(model.widths[g] * f))  # noqa: E731
                                                                   for f in (0.25, 0.5, 0.75, 1))})
-    timed, tables = {}, []
+    timed, tables = {}, []  # each distinct (module, input shape) is timed once
     for u in units(model):
         gin, gout = grid(u.inp, 3), grid(u.out, model.num_classes)
         ms = torch.zeros(len(gin), len(gout), dtype=torch.float64)
         for a, ci in enumerate(gin):
             for b, co in enumerate(gout):
-                if isinstance(u.layer, nn.Conv2d):
-                    c = u.layer
-                    key = ('conv', ci, co, c.kernel_size, c.stride, shapes[u])
-                    make = lambda: nn.Sequential(nn.Conv2d(ci, co, c.kernel_size, c.stride, c.padding, bias=False),  # noqa: E731
-                                                 nn.BatchNorm2d(co), nn.ReLU())
-                else:
-                    key = ('linear', ci, co, type(u.bn).__name__)
-                    make = lambda: nn.Sequential(nn.Linear(ci, co), type(u.bn)(co) if isinstance(u.bn, nn.BatchNorm1d)  # noqa: E731
-                                                 else nn.Identity())
+                net = unit_alone(u, ci, co).eval().to(run['device'])
+                key = (repr(net), shapes[u])
                 if key not in timed:
-                    net = make().eval().to(run['device'])
                     x = image(batch, ci, shapes[u], run)
-                    timed[key] = 1000 * time_forward(net.to(memory_format=torch.channels_last) if x.dim() == 4 and
-                                                     run['channels_last'] else net, x, run, repeats)
+                    if x.dim() == 4 and run['channels_last']:
+                        net.to(memory_format=torch.channels_last)
+                    timed[key] = 1000 * time_forward(net, x, run, repeats)
                 ms[a, b] = timed[key]
         tables.append({'inp': u.inp, 'out': u.out, 'grid_in': gin, 'grid_out': gout, 'ms': ms})
     # Calibration: whole networks at a few widths (uniformly thinned, and random), measured, fit to
@@ -339,8 +346,9 @@ def build_latency_table(model, run, batch, repeats=7):
     measured = torch.tensor([Latency.time_network(build(model.arch, w.tolist(), model.num_classes), run, batch,
                                                   3 * repeats if i == 0 else repeats) for i, w in enumerate(widths)],
                             dtype=torch.float64)
-    (a, b), = torch.linalg.lstsq(torch.stack([sums, torch.ones_like(sums)], 1), measured[:, None]).solution.T.tolist()
-    return {**table, 'a': a, 'b': b, 'dense_ms': measured[0].item()}
+    ds, dm = sums[1:] - sums[0], measured[1:] - measured[0]  # the line passes through the dense network exactly
+    a = ((ds * dm).sum() / (ds * ds).sum()).item()
+    return {**table, 'a': a, 'b': measured[0].item() - a * sums[0].item(), 'dense_ms': measured[0].item()}
 
 
 def interpolation(grid, n):
@@ -489,7 +497,8 @@ class Policy(nn.Module):
 
     def sample(self, k):
         """k masks, a (k, channels) tensor of zeros and ones."""
-        return self.dist().sample((k,))
+        p = torch.sigmoid(self.theta.detach()).nan_to_num(0.5)  # NaN logits: caught at the next progress line
+        return torch.bernoulli(p.expand(k, -1))
 
     def log_prob(self, masks):
         """log pi(m) = sum_c m_c log p_c + (1 - m_c) log(1 - p_c), one value per mask."""
@@ -642,6 +651,23 @@ def load_pruned(path, device='cpu'):
 # The whole dataset lives on the device as one uint8 tensor; batches are gathered, normalised and augmented there as
 # batched tensor ops (no per-image PIL work, no DataLoader). On CUDA: channels_last and bf16 autocast (`numerics`).
 
+def load_image(path):
+    """One image as a (32, 32, 3) uint8 array. 16-bit grey images are scaled to 8 bits (PIL's RGB conversion would
+    saturate them); an alpha channel is dropped, as torchvision's loader does. An unreadable file is a one-line
+    error naming it."""
+    import numpy as np
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode.startswith('I'):  # 16- or 32-bit integer pixels
+                a = np.asarray(img).astype(np.float64)
+                img = Image.fromarray((a * 255 / (65535 if a.max() > 255 else 255)).clip(0, 255).astype(np.uint8))
+            return np.asarray(img.convert('RGB').resize((32, 32)))
+    except OSError as e:
+        fail(f"--data: cannot read image {path} ({str(e).splitlines()[0][:200]})")
+
+
 @functools.lru_cache(maxsize=4)  # a process that runs main() many times (bench/compare.py) decodes each folder once
 def read_image_folder(root):
     """An ImageFolder directory as (uint8 images (N, 3, 32, 32), labels, class names); images resized to 32x32,
@@ -651,7 +677,7 @@ def read_image_folder(root):
     from concurrent.futures import ThreadPoolExecutor
     ds = torchvision.datasets.ImageFolder(root)
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        x = np.stack(list(pool.map(lambda s: np.asarray(ds.loader(s[0]).resize((32, 32))), ds.samples, chunksize=256)))
+        x = np.stack(list(pool.map(lambda s: load_image(s[0]), ds.samples, chunksize=256)))
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
 
 
@@ -690,11 +716,13 @@ def load_data(args, device):
         (xtr, ytr), (xte, yte) = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets))
                                   for d in (tr, te)]
         classes = tr.classes
+    if args.subset > len(xtr):
+        fail(f"--subset {args.subset}: the training set has only {len(xtr)} images")
     if args.subset:
         keep = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))[:args.subset]
         xtr, ytr = xtr[keep], ytr[keep]
     mean = xtr.float().mean((0, 2, 3)) / 255
-    std = xtr.float().std((0, 2, 3)) / 255
+    std = (xtr.float().std((0, 2, 3)) / 255).clamp(min=1 / 255)  # a constant channel must not divide by zero
     return {'train': (xtr.to(device), ytr.to(device)), 'test': (xte.to(device), yte.to(device)),
             'classes': len(classes), 'mean': mean, 'std': std, **numerics(device, args.bf16, args.channels_last)}
 
@@ -809,6 +837,9 @@ class Progress:
         if step % self.every and step != steps:
             return
         s, n, now = self.sums.tolist(), self.images - self.seen, time.time()
+        if not all(map(math.isfinite, s)):  # checked where the sums reach the host anyway: no extra sync
+            fail(f"{self.phase} epoch {epoch} step {step}: the loss or a cost became {s[0] / n} (NaN or inf); "
+                 f"training diverged, most likely a learning rate too high for this network (--lr, --prune-lr)")
         line = (f"{self.phase} epoch {epoch} step {step}/{steps} loss {s[0] / n:.3f} acc {s[1] / n:.3f} "
                 f"img/s {n / (now - self.tick):.0f}")
         print(line if describe is None else f"{line} {describe([v / n for v in s[2:]])}", flush=True)
@@ -881,6 +912,9 @@ def prune(model, policy, costs, budget, data, args):
             integral, lam = dual_step(integral, cost.mean(0), budget, args.dual_lr, args.damping)
             progress.add(loss, logits, y.repeat(k), cost)
             progress.maybe_print(epoch, step, per_epoch, describe)
+        if not (torch.isfinite(lam).all() and torch.isfinite(policy.theta).all()):
+            fail(f"prune epoch {epoch}: the multipliers or the policy became NaN or inf; lower --dual-lr, "
+                 f"--damping or --policy-lr")
     return progress.speed(), lam
 
 
@@ -944,12 +978,20 @@ def parse_args(argv):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0")
     for name in ('width', 'batch_size', 'lr', 'prune_lr', 'policy_lr', 'log_every'):
-        if not getattr(args, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be > 0")
+        if not 0 < getattr(args, name) < math.inf:
+            fail(f"--{name.replace('_', '-')} must be a positive finite number")
+    for name in ('wd', 'dual_lr', 'damping'):
+        if not 0 <= getattr(args, name) < math.inf:
+            fail(f"--{name.replace('_', '-')} must be a finite number >= 0")
+    if args.prune_epochs < 1:
+        fail('--prune-epochs must be >= 1: the final mask is read off the trained policy')
     if args.channel_multiple < 0:
         fail('--channel-multiple must be >= 0')
     if args.samples < 2:
         fail('--samples must be >= 2 (the baseline of each mask is the mean reward of the others)')
+    if args.batch_size < 2 * args.samples:
+        fail(f"--batch-size {args.batch_size}: at least 2 images per sampled mask are needed (BatchNorm statistics "
+             f"per mask), so at least 2 x --samples = {2 * args.samples}")
     if not 0 < args.init_keep < 1:
         fail('--init-keep must be in (0, 1)')
     args.out = args.out or os.path.join('runs', f"{args.arch}-{args.budget.replace('=', '').replace(',', '-')}")
@@ -1003,6 +1045,7 @@ def load_dense(args, model):
         ckpt = torch.load(args.pretrained, map_location='cpu', weights_only=True)
         state = ckpt['state_dict'] if isinstance(ckpt, dict) and 'state_dict' in ckpt else ckpt
         model.load_state_dict(state)
+        return {k: torch.tensor(ckpt[k]) for k in ('mean', 'std') if k in ckpt}  # the inputs it was trained on
     except Exception as e:
         fail(f"--pretrained {args.pretrained}: cannot load it into a dense {args.arch} of width {args.width} "
              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
@@ -1080,6 +1123,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = get_device(args.device, '--device')
     args.latency_device_t = get_device(args.latency_device, '--latency-device') if args.latency_device else device
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail(f"--out {args.out} is a file; choose a directory")
     outputs = [os.path.join(args.out, f) for f in ('results.json', 'dense.pt', 'pruned.pt')]
     if not args.overwrite and any(os.path.exists(f) for f in outputs):
         fail(f"--out {args.out} already holds results; pass --overwrite to replace them or choose another --out")
@@ -1093,8 +1138,7 @@ def main(argv=None):
     # The dense network, its costs and the budget's feasibility: all checked before any data is read.
     widths = dense_widths(args.arch, args.width)
     model = build(args.arch, widths, classes)
-    if args.pretrained:
-        load_dense(args, model)
+    stats = load_dense(args, model) if args.pretrained else {}
     costs, dense_cost = build_costs(model, args)
     budget_names = list(costs)
     fraction_budget = resolve_budget(args.budget_parsed, dense_cost)
@@ -1106,6 +1150,7 @@ def main(argv=None):
 
     t0 = time.time()
     data = load_data(args, device)
+    data.update(stats)  # a --pretrained network sees its inputs normalised as in its own training
     times = {'data': time.time() - t0}
     model.to(device)
     if data['channels_last']:
@@ -1167,14 +1212,16 @@ def main(argv=None):
         'keep_probability_mean': torch.sigmoid(policy.theta).mean().item(), 'channel_multiple': multiple,
         'multipliers': dict(zip(budget_names, lam.tolist())),
         'time_s': times, 'images_per_s': {phase: s['images_per_s'] for phase, s in speed.items()},
-        'overhead_s': {phase: s['overhead_s'] for phase, s in speed.items()}, 'args': {k: v for k, v in vars(args).items() if k not in ('budget_parsed', 'latency_device_t')},
+        'overhead_s': {phase: s['overhead_s'] for phase, s in speed.items()},
+        'args': {k: v for k, v in vars(args).items() if k not in ('budget_parsed', 'latency_device_t')},
     }
     if 'latency' in costs:
         lat = costs['latency']
         results['latency'] = {
             'device': lat.table['meta']['device'], 'batch': args.latency_batch, 'bf16': lat.run['bf16'],
             'channels_last': lat.run['channels_last'], 'table_build_s': lat.build_s,
-            'dense_measured_ms': lat.dense_ms, 'dense_predicted_ms': lat.predict_ms(torch.tensor([model.widths])).item(),
+            'dense_measured_ms': lat.dense_ms,
+            'dense_predicted_ms': lat.predict_ms(torch.tensor([model.widths])).item(),
             'pruned_measured_ms': measured_latency * lat.dense_ms,
             'pruned_predicted_ms': lat.predict_ms(kept).item()}
         print(f"latency on {lat.table['meta']['device']}, batch {args.latency_batch}: dense {lat.dense_ms:.3f} ms, "

@@ -488,6 +488,16 @@ TINY = ['--arch', 'vgg11', '--width', '0.0625', '--dense-epochs', '1', '--prune-
     (['--samples', '1'], '--samples'),
     (['--no-such-flag'], 'unrecognized'),
     (['--device', 'gpu7'], '--device'),
+    (['--device', 'mps'], 'not available'),
+    (['--device', 'meta'], 'not available'),
+    (['--wd', '-1'], '--wd must be a finite number >= 0'),
+    (['--dual-lr', 'nan'], '--dual-lr must be a finite number >= 0'),
+    (['--damping', 'inf'], '--damping must be a finite number >= 0'),
+    (['--lr', 'inf'], '--lr must be a positive finite number'),
+    (['--budget', 'params=0.1,params=0.9'], 'given twice'),
+    (['--prune-epochs', '0'], '--prune-epochs must be >= 1'),
+    (['--batch-size', '1'], 'at least 2 images per sampled mask'),
+    (['--subset', '1000'], 'has only 36 images'),
 ])
 def test_bad_arguments_fail_with_one_line(tmp_path, tiny, args, message):
     with pytest.raises(SystemExit) as e:
@@ -516,6 +526,80 @@ def test_bad_data_and_checkpoints(tmp_path, tiny):
             crl.main([*TINY, '--out', out, *args])
         assert message in str(e.value.code), args
         assert not os.path.exists(out)
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, tiny):
+    out = tmp_path / 'results'
+    out.write_text('precious')
+    with pytest.raises(SystemExit, match='is a file'):
+        crl.main([*TINY, '--data', tiny, '--out', str(out)])
+    assert out.read_text() == 'precious'
+
+
+def test_corrupt_image_is_named(tmp_path, tiny):
+    bad = os.path.join(tiny, 'train', 'class0', 'broken.png')
+    with open(bad, 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n not really')
+    crl.read_image_folder.cache_clear()
+    with pytest.raises(SystemExit) as e:
+        crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / 'out')])
+    assert 'cannot read image' in str(e.value.code) and 'broken.png' in str(e.value.code)
+
+
+def test_sixteen_bit_images_are_scaled_not_saturated(tmp_path):
+    from PIL import Image
+    import numpy as np
+    path = tmp_path / 'grey16.png'
+    Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(path)
+    assert Image.open(path).mode.startswith('I')
+    assert abs(int(crl.load_image(str(path))[0, 0, 0]) - 128) <= 1  # half of the range, not 255
+
+
+def test_constant_channel_gives_finite_inputs(tmp_path):
+    from PIL import Image
+    import numpy as np
+    for split, n in (('train', 8), ('test', 4)):
+        for c in ('a', 'b'):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                a = np.random.randint(0, 255, (32, 32, 3), dtype=np.uint8)
+                a[..., 2] = 7  # blue never varies
+                Image.fromarray(a).save(tmp_path / split / c / f'{i}.png')
+    args = crl.parse_args(['--data', str(tmp_path), '--batch-size', '16'])
+    data = crl.load_data(args, torch.device('cpu'))
+    assert data['std'][2] > 0
+    assert all(torch.isfinite(x).all() for x, _ in crl.batches(data, 'train', 8, train=True))
+
+
+@pytest.mark.parametrize('flag, phase', [(['--lr', '1e30'], 'dense epoch 1'),
+                                         (['--prune-lr', '1e30'], 'prune epoch 1')])
+def test_divergence_stops_with_one_line_and_saves_no_nan_checkpoint(tmp_path, tiny, flag, phase):
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as e:
+        crl.main([*TINY, '--data', tiny, '--out', str(out), *flag])
+    assert phase in str(e.value.code) and 'diverged' in str(e.value.code) and '\n' not in str(e.value.code)
+    assert not (out / 'pruned.pt').exists()
+    if (out / 'dense.pt').exists():  # saved only after a finite dense phase
+        state = torch.load(out / 'dense.pt', weights_only=True)['state_dict']
+        assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_pretrained_network_keeps_its_own_input_statistics(tmp_path, tiny):
+    first = tmp_path / 'first'
+    crl.main([*TINY, '--data', tiny, '--out', str(first)])
+    again = tmp_path / 'again'  # a subset of the data has other statistics: the checkpoint's must be used
+    crl.main([*TINY, '--data', tiny, '--out', str(again), '--pretrained', str(first / 'dense.pt'), '--subset', '24'])
+    dense = torch.load(first / 'dense.pt', weights_only=True)
+    pruned = torch.load(again / 'pruned.pt', weights_only=True)
+    assert pruned['mean'] == dense['mean'] and pruned['std'] == dense['std']
+
+
+def test_final_mask_ranks_by_logits_beyond_float_saturation():
+    policy = crl.Policy([3], 0.5)
+    policy.theta.data = torch.tensor([20., 30., 25.])  # sigmoid rounds all three to 1.0 in float32
+    cost = {'share': lambda kept: kept[:, 0].double() / 3}
+    mask = crl.final_mask(policy, cost, torch.tensor([2 / 3], dtype=torch.float64))
+    assert mask.tolist() == [0, 1, 1]
 
 
 def test_existing_results_are_not_overwritten(tmp_path, tiny):
@@ -671,7 +755,7 @@ def test_end_to_end_tiny_run(tmp_path, tiny):
     assert results['pruned']['accuracy'] == saved['pruned']['accuracy']
     # the dense checkpoint can seed a second run, which then skips dense training
     again = crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / 'again'), '--pretrained', str(out / 'dense.pt'),
-                      '--prune-epochs', '0', '--finetune-epochs', '0'])
+                      '--prune-epochs', '1', '--finetune-epochs', '0'])
     assert again['dense']['accuracy'] == saved['dense']['accuracy']
 
 

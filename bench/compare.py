@@ -106,8 +106,8 @@ def main():
               '--batch-size', str(args.batch_size), '--device', args.device, '--log-every', '1000000']
 
     dense_path = args.pretrained or os.path.join(args.out, 'dense', 'dense.pt')
-    if not os.path.exists(dense_path):  # a CRL run without pruning epochs trains and saves the dense checkpoint
-        crl.main([*common, '--dense-epochs', str(args.dense_epochs), '--prune-epochs', '0', '--finetune-epochs', '0',
+    if not os.path.exists(dense_path):  # a short CRL run trains and saves the dense checkpoint
+        crl.main([*common, '--dense-epochs', str(args.dense_epochs), '--prune-epochs', '1', '--finetune-epochs', '0',
                   '--out', os.path.join(args.out, 'dense')])
     targs = crl.parse_args([*common, '--pretrained', dense_path])
     device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
