@@ -32,6 +32,8 @@ import functools
 import json
 import math
 import os
+import shlex
+import sys
 import time
 
 import torch
@@ -177,7 +179,8 @@ def dense_widths(arch, width=1.0):
 
 
 def build(arch, widths, num_classes):
-    """The network with `widths` channels per group: dense widths give the dense network, kept widths the compact one."""
+    """The network with `widths` channels per group: dense widths give the dense network, kept widths the compact
+    one."""
     model = (ResNet18 if arch == 'resnet18' else VGG)(arch, widths, num_classes)
     model.arch, model.widths, model.num_classes = arch, list(widths), num_classes
     return model
@@ -251,14 +254,16 @@ COSTS = ['params', 'macs']
 # Each unit (conv or linear, BN, ReLU) is timed alone on the target device at a small grid of kept (input, output)
 # widths; bilinear interpolation fills in every width pair. Units timed alone do not add up to the whole network
 # (pools, additions, per-call overheads, caches), so whole networks at ten widths are timed too and the prediction is
-# a * (sum over units) + b, fit to them by least squares through the dense network's point (so the dense network
-# predicts its own measured latency, a fraction of exactly 1). A step's K candidates cost one gather over the flattened
-# tables. The prediction only steers the policy; the budget is checked by timing the compact network itself
-# (`fit_latency`, in `main`).
+# a * (sum over units) + b, fit to them by least squares; a candidate's cost is its prediction over the dense
+# network's prediction. A step's K candidates cost one gather over the flattened tables. The prediction only steers
+# the policy; the budget is checked by timing the compact network itself, in turns with the dense one (`fit_latency`).
 
 @torch.no_grad()
-def time_forward(net, x, run, repeats=20, warmup=3):
-    """Median seconds of net(x) with the run's precision (`numerics`): warm-up first, CUDA events on a GPU."""
+def time_forward(net, x, run, repeats=20, warmup=3, rounds=1):
+    """Seconds of net(x) with the run's precision (`numerics`): warm-up, then the median of `repeats` calls (CUDA
+    events on a GPU); with several rounds, the fastest round's median: a shared machine's noise only adds time."""
+    if rounds > 1:
+        return min(time_forward(net, x, run, repeats, warmup) for _ in range(rounds))
     times = []
     for _ in range(warmup + repeats):
         if run['device'].type == 'cuda':
@@ -346,9 +351,8 @@ def build_latency_table(model, run, batch, repeats=7):
     measured = torch.tensor([Latency.time_network(build(model.arch, w.tolist(), model.num_classes), run, batch,
                                                   3 * repeats if i == 0 else repeats) for i, w in enumerate(widths)],
                             dtype=torch.float64)
-    ds, dm = sums[1:] - sums[0], measured[1:] - measured[0]  # the line passes through the dense network exactly
-    a = ((ds * dm).sum() / (ds * ds).sum()).item()
-    return {**table, 'a': a, 'b': measured[0].item() - a * sums[0].item(), 'dense_ms': measured[0].item()}
+    a, b = torch.linalg.lstsq(torch.stack([sums, torch.ones_like(sums)], 1), measured[:, None]).solution.flatten()
+    return {**table, 'a': a.item(), 'b': b.item(), 'dense_ms': measured[0].item()}
 
 
 def interpolation(grid, n):
@@ -364,7 +368,8 @@ def interpolation(grid, n):
 
 
 class Latency:
-    """The latency cost: C(widths) = predicted latency / measured dense latency, for K width vectors at once."""
+    """The latency cost: C(widths) = predicted latency / predicted dense latency, for K width vectors at once (a
+    ratio of two predictions: one noisy timing of the dense network does not shift every fraction)."""
 
     def __init__(self, table):
         self.table, self.dense_ms, g = table, table.get('dense_ms'), len(table['meta']['widths'])
@@ -379,6 +384,7 @@ class Latency:
             flat.append(full.flatten())
         self.flat = torch.cat(flat)
         self.index = [torch.tensor(v) for v in (offsets, rows, cols, strides)]
+        self.dense_predicted_ms = self.predict_ms(torch.tensor([table['meta']['widths']])).item()
 
     def predict_ms(self, widths):
         offsets, rows, cols, strides = (v.to(widths.device) for v in self.index)
@@ -387,18 +393,25 @@ class Latency:
         return self.flat[offsets + w[..., rows] * strides + w[..., cols]].sum(-1) * self.table['a'] + self.table['b']
 
     def __call__(self, widths):
-        return self.predict_ms(widths) / self.dense_ms
+        return self.predict_ms(widths) / self.dense_predicted_ms
 
     def measure_ms(self, model, run):
         return self.time_network(model, run, self.table['meta']['batch'])
 
+    def measure_pair(self, small, dense, rounds=3):
+        """Milliseconds of two networks timed in turns, the fastest round of each: whatever else the machine is
+        doing then slows both alike, so their ratio is what a budget on the fraction needs."""
+        pairs = [(self.time_network(small, self.run, self.table['meta']['batch'], rounds=1),
+                  self.time_network(dense, self.run, self.table['meta']['batch'], rounds=1)) for _ in range(rounds)]
+        return min(p[0] for p in pairs), min(p[1] for p in pairs)
+
     @staticmethod
-    def time_network(model, run, batch, repeats=21):
-        """Measured milliseconds of a whole network: eval mode, warm-up, median of `repeats`."""
+    def time_network(model, run, batch, repeats=21, rounds=3):
+        """Measured milliseconds of a whole network: eval mode, warm-up, the fastest of `rounds` medians."""
         net = copy.deepcopy(model).eval().to(run['device'])
         if run['channels_last']:
             net.to(memory_format=torch.channels_last)
-        return 1000 * time_forward(net, image(batch, 3, (32, 32), run), run, repeats)
+        return 1000 * time_forward(net, image(batch, 3, (32, 32), run), run, repeats, rounds=rounds)
 
 
 def latency_cost(model, args):
@@ -630,10 +643,16 @@ def compact(model, masks):
     return small
 
 
+def save_atomic(obj, path):
+    """torch.save under a temporary name, then a rename: a kill during the save leaves the previous file whole."""
+    torch.save(obj, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
 def save_model(model, path, mean, std):
     """A plain dict that torch.load(..., weights_only=True) opens; load_pruned rebuilds the network from it."""
-    torch.save({'arch': model.arch, 'num_classes': model.num_classes, 'widths': model.widths,
-                'state_dict': model.state_dict(), 'mean': mean.tolist(), 'std': std.tolist()}, path)
+    save_atomic({'arch': model.arch, 'num_classes': model.num_classes, 'widths': model.widths,
+                 'state_dict': model.state_dict(), 'mean': mean.tolist(), 'std': std.tolist()}, path)
 
 
 def load_pruned(path, device='cpu'):
@@ -858,15 +877,95 @@ class Progress:
         return {'images_per_s': rate, 'overhead_s': max(t - self.start - images / rate, 0.0) if rate else 0.0}
 
 
-def train(model, data, epochs, lr, args, phase):
-    """Supervised training of a whole network (the dense one, then the compact one)."""
+# --- 8b. Checkpoints: a run that survives Ctrl-C, a crash or a lost machine ------------------------------------------
+# At the end of an epoch (at most once per --checkpoint-every seconds, always at the end of a phase) everything the
+# rest of the run depends on goes into OUT/checkpoint.pt: phase and epoch, network, optimisers, scheduler, policy,
+# multipliers, random number generators, and what the finished phases measured. --resume continues from there.
+# Since the random streams are restored with the rest, the resumed run computes what the uninterrupted one would have
+# (bit for bit on the CPU; on a GPU up to its nondeterministic kernels). Every file is written by `save_atomic`.
+
+PHASES = ('dense', 'prune', 'finetune')
+
+
+def rng_state():
+    return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def finite(module):
+    return bool(torch.stack([p.isfinite().all() for p in module.parameters()]).all())
+
+
+class Checkpoint:
+    """OUT/checkpoint.pt. `report` holds what finished phases measured; `save` and `restore` take the same named
+    objects: those with a state_dict (network, optimiser, scheduler, policy) are saved through it, tensors as such."""
+
+    def __init__(self, args=None):  # without args: saves nothing (the loops run alone, e.g. in tests)
+        self.state, self.saved, self.report, self.path = None, None, {}, None
+        if args is None:
+            return
+        self.path, self.every = os.path.join(args.out, 'checkpoint.pt'), args.checkpoint_every
+        self.last_save = time.time()
+        self.args = {k: v for k, v in vars(args).items() if k not in self.FREE}
+        if args.resume:
+            try:
+                self.state = torch.load(self.path, map_location='cpu', weights_only=True)
+            except Exception as e:
+                fail(f"--resume: cannot read {self.path} ({type(e).__name__}); no interrupted run to continue there")
+            changed = [k for k in self.args if self.state['args'].get(k) != self.args[k]]
+            if changed:
+                fail("--resume: the interrupted run had other arguments: " + ', '.join(
+                    f"--{k.replace('_', '-')} {self.state['args'].get(k)!r} (now {self.args[k]!r})" for k in changed))
+            self.saved, self.report = (self.state['phase'], self.state['epoch']), self.state['report']
+
+    FREE = ('resume', 'overwrite', 'log_every', 'checkpoint_every', 'budget_parsed', 'latency_device_t')
+
+    def reached(self, phase):
+        """Whether the checkpoint to resume from is at `phase` or a later one."""
+        return self.state is not None and PHASES.index(self.state['phase']) >= PHASES.index(phase)
+
+    def restore(self, phase, **objects):
+        """The epoch to continue `phase` from: 1 on a fresh start; on resuming inside `phase`, the one after the saved
+        epoch, with `objects` (tensors in place) and the random generators set back to their state at its end."""
+        if self.state is None or self.state['phase'] != phase:
+            return 1
+        for name, obj in objects.items():
+            saved = self.state['objects'][name]
+            obj.copy_(saved) if isinstance(obj, torch.Tensor) else obj.load_state_dict(saved)
+        torch.set_rng_state(self.state['rng']['cpu'])
+        if self.state['rng']['cuda']:
+            torch.cuda.set_rng_state_all(self.state['rng']['cuda'])
+        return self.state['epoch'] + 1
+
+    def save(self, phase, epoch, last, **objects):
+        """At the end of `epoch`: written when --checkpoint-every seconds have passed, and always when `last`."""
+        if self.path is None or not (last or time.time() - self.last_save >= self.every):
+            return
+        if not finite(objects['model']):  # never a diverged network over a good checkpoint
+            fail(f"{phase} epoch {epoch}: the weights became NaN or inf; training diverged, most likely a learning "
+                 f"rate too high for this network (--lr, --prune-lr)")
+        state = {name: obj.state_dict() if hasattr(obj, 'state_dict') else obj for name, obj in objects.items()}
+        save_atomic({'phase': phase, 'epoch': epoch, 'args': self.args, 'objects': state, 'rng': rng_state(),
+                     'report': self.report}, self.path)
+        self.last_save, self.saved = time.time(), (phase, epoch)
+
+    def describe(self):
+        if self.saved is None:
+            return 'no epoch had finished, nothing to resume from'
+        return f"{self.path} holds the state at the end of {self.saved[0]} epoch {self.saved[1]}"
+
+
+def train(model, data, epochs, lr, args, phase, checkpoint=None, **keep):
+    """Supervised training of a whole network (the dense one, then the compact one). `keep`: more objects for the
+    checkpoints of this phase (the policy and multipliers, while fine-tuning)."""
     device = data['train'][0].device
     per_epoch = max(len(data['train'][1]) // args.batch_size, 1)
     opt, sched = sgd(model, lr, epochs * per_epoch, args)
+    checkpoint = checkpoint or Checkpoint()
+    start = checkpoint.restore(phase, model=model, opt=opt, sched=sched, **keep)
     net = torch.compile(model) if args.compile else model
     progress = Progress(phase, args.log_every, device)
     model.train()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(start, epochs + 1):
         for step, (x, y) in enumerate(batches(data, 'train', args.batch_size, train=True), 1):
             with autocast(data):
                 logits = net(x)
@@ -877,10 +976,11 @@ def train(model, data, epochs, lr, args, phase):
             sched.step()
             progress.add(loss, logits, y)
             progress.maybe_print(epoch, step, per_epoch)
+        checkpoint.save(phase, epoch, epoch == epochs, model=model, opt=opt, sched=sched, **keep)
     return progress.speed()
 
 
-def prune(model, policy, costs, budget, data, args):
+def prune(model, policy, costs, budget, data, args, checkpoint=None):
     """The CRL pruning phase: policy gradient on theta, dual ascent on lambda and SGD on the weights, every step.
     A pruning epoch processes as many images as a dense epoch: batch_size / K distinct images per step, each seen
     under all K masks."""
@@ -890,7 +990,10 @@ def prune(model, policy, costs, budget, data, args):
     per_epoch = max(len(data['train'][1]) // (n * k), 1)
     opt_w, sched = sgd(model, args.prune_lr, args.prune_epochs * per_epoch, args)
     opt_p = torch.optim.Adam(policy.parameters(), args.policy_lr)
-    integral = lam = torch.zeros_like(budget)
+    integral, lam = torch.zeros_like(budget), torch.zeros_like(budget)
+    checkpoint = checkpoint or Checkpoint()
+    start = checkpoint.restore('prune', model=model, policy=policy, opt_w=opt_w, opt_p=opt_p, sched=sched,
+                               integral=integral, lam=lam)
     net = torch.compile(model) if args.compile else model
     progress = Progress('prune', args.log_every, device, len(budget))
     model.train()
@@ -899,7 +1002,7 @@ def prune(model, policy, costs, budget, data, args):
         pairs = lambda values: ' '.join(f"{name}={v:.3f}" for name, v in zip(costs, values))  # noqa: E731
         return f"cost {pairs(mean_cost)} lam {pairs(lam.tolist())} keep {torch.sigmoid(policy.theta).mean():.3f}"
 
-    for epoch in range(1, args.prune_epochs + 1):
+    for epoch in range(start, args.prune_epochs + 1):
         for step, (x, y) in zip(range(1, per_epoch + 1), batches(data, 'train', n, train=True)):
             with autocast(data):
                 loss, policy_loss, cost, logits = crl_step(net, policy, costs, budget, lam, x, y, k)
@@ -915,6 +1018,8 @@ def prune(model, policy, costs, budget, data, args):
         if not (torch.isfinite(lam).all() and torch.isfinite(policy.theta).all()):
             fail(f"prune epoch {epoch}: the multipliers or the policy became NaN or inf; lower --dual-lr, "
                  f"--damping or --policy-lr")
+        checkpoint.save('prune', epoch, epoch == args.prune_epochs, model=model, policy=policy, opt_w=opt_w,
+                        opt_p=opt_p, sched=sched, integral=integral, lam=lam)
     return progress.speed(), lam
 
 
@@ -967,6 +1072,9 @@ def parse_args(argv):
     p.add_argument('--log-every', type=int, default=100, help='steps between progress lines')
     p.add_argument('--out', help='output directory (default: runs/ARCH-BUDGET)')
     p.add_argument('--overwrite', action='store_true', help='replace the results already in --out')
+    p.add_argument('--resume', action='store_true', help='continue the interrupted run in --out from its checkpoint')
+    p.add_argument('--checkpoint-every', type=float, default=60, metavar='SECONDS',
+                   help='least time between two checkpoints (one is always written at the end of each phase)')
     args = p.parse_args(argv)
     if args.arch not in ARCHS:
         fail(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
@@ -980,7 +1088,7 @@ def parse_args(argv):
     for name in ('width', 'batch_size', 'lr', 'prune_lr', 'policy_lr', 'log_every'):
         if not 0 < getattr(args, name) < math.inf:
             fail(f"--{name.replace('_', '-')} must be a positive finite number")
-    for name in ('wd', 'dual_lr', 'damping'):
+    for name in ('wd', 'dual_lr', 'damping', 'checkpoint_every'):
         if not 0 <= getattr(args, name) < math.inf:
             fail(f"--{name.replace('_', '-')} must be a finite number >= 0")
     if args.prune_epochs < 1:
@@ -1069,8 +1177,10 @@ def print_speed(results):
               f"{results['overhead_s'][phase]:24.1f}")
     d, p = results['speed']['dense'], results['speed']['pruned']
     print(f"inference  batch-1 latency ms   batch-512 img/s   MACs\n"
-          f"dense      {d['latency_ms_batch1']:18.3f} {d['images_per_s_batch512']:17.0f}   {results['dense']['macs']:,}\n"
-          f"pruned     {p['latency_ms_batch1']:18.3f} {p['images_per_s_batch512']:17.0f}   {results['pruned']['macs']:,}\n"
+          f"dense      {d['latency_ms_batch1']:18.3f} {d['images_per_s_batch512']:17.0f}   "
+          f"{results['dense']['macs']:,}\n"
+          f"pruned     {p['latency_ms_batch1']:18.3f} {p['images_per_s_batch512']:17.0f}   "
+          f"{results['pruned']['macs']:,}\n"
           f"speed-up   {d['latency_ms_batch1'] / p['latency_ms_batch1']:18.2f}x "
           f"{p['images_per_s_batch512'] / d['images_per_s_batch512']:16.2f}x   "
           f"{results['dense']['macs'] / results['pruned']['macs']:.2f}x fewer")
@@ -1105,18 +1215,18 @@ def build_costs(model, args):
 def fit_latency(model, policy, costs, budget, multiple):
     """The final mask, cut shorter along the same ranking until the compact network's *measured* latency meets its
     budget: each round holds the prediction to a budget lowered by the measured overshoot. Returns the mask and
-    its measured latency as a fraction of the dense network's."""
+    {'pruned_ms', 'dense_ms'}: the compact and the dense network timed in turns (`Latency.measure_pair`)."""
     latency, j = costs['latency'], list(costs).index('latency')
     target, b = budget[j].item(), budget.clone()
     for _ in range(10):
         mask = final_mask(policy, costs, b, multiple)
-        measured = latency.measure_ms(compact(model, policy.split(mask)), latency.run) / latency.dense_ms
-        if measured <= target:
+        small_ms, dense_ms = latency.measure_pair(compact(model, policy.split(mask)), model)
+        if small_ms / dense_ms <= target:
             break
-        b[j] = b[j] * min(target / measured, 0.98)
+        b[j] = b[j] * min(target * dense_ms / small_ms, 0.98)
         if not within(policy, costs, b, minimal_mask(policy, multiple)):
             break  # nothing smaller to try: reported as over budget
-    return mask, measured
+    return mask, {'pruned_ms': small_ms, 'dense_ms': dense_ms}
 
 
 def main(argv=None):
@@ -1125,9 +1235,26 @@ def main(argv=None):
     args.latency_device_t = get_device(args.latency_device, '--latency-device') if args.latency_device else device
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out} is a file; choose a directory")
-    outputs = [os.path.join(args.out, f) for f in ('results.json', 'dense.pt', 'pruned.pt')]
-    if not args.overwrite and any(os.path.exists(f) for f in outputs):
-        fail(f"--out {args.out} already holds results; pass --overwrite to replace them or choose another --out")
+    outputs = [os.path.join(args.out, f) for f in ('results.json', 'dense.pt', 'pruned.pt', 'checkpoint.pt')]
+    if args.resume and os.path.exists(outputs[0]):
+        fail(f"--resume: the run in {args.out} has finished already (results.json)")
+    if not (args.overwrite or args.resume) and any(os.path.exists(f) for f in outputs):
+        fail(f"--out {args.out} already holds results" + (' of an unfinished run: pass --resume to continue it,'
+             if os.path.exists(outputs[3]) else ';') + " pass --overwrite to replace them or choose another --out")
+    checkpoint = Checkpoint(args)
+    if args.resume and args.latency_table is None and 'latency' in args.budget_parsed:
+        args.latency_table = os.path.join(args.out, 'latency_table.pt')  # the table the interrupted run used
+    try:
+        return run(args, device, outputs, checkpoint)
+    except KeyboardInterrupt:
+        words = sys.argv[1:] if argv is None else list(argv)
+        command = shlex.join(['python', 'crl_prune.py', *words, *([] if args.resume else ['--resume'])])
+        raise SystemExit(f"crl_prune: interrupted; {checkpoint.describe()}; resume with: {command}")
+
+
+def run(args, device, outputs, checkpoint):
+    """The pipeline: dense training, CRL pruning, final mask, compaction, fine-tuning; resumed where `checkpoint`
+    was left."""
     classes = image_folder_splits(args.data)[2] if args.data else {'cifar10': 10, 'cifar100': 100}[args.dataset]
     if args.pretrained and not os.path.isfile(args.pretrained):
         fail(f"--pretrained {args.pretrained}: no such file")
@@ -1151,43 +1278,59 @@ def main(argv=None):
     t0 = time.time()
     data = load_data(args, device)
     data.update(stats)  # a --pretrained network sees its inputs normalised as in its own training
-    times = {'data': time.time() - t0}
+    report = checkpoint.report  # what the finished phases measured (filled in as they finish, saved with the state)
+    report.setdefault('time_s', {})['data'] = time.time() - t0
     model.to(device)
     if data['channels_last']:
         model.to(memory_format=torch.channels_last)
     os.makedirs(args.out, exist_ok=True)
     print(f"{args.arch} width {args.width}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{len(data['train'][1])} train / {len(data['test'][1])} test images, {data['classes']} classes, {device}")
+          f"{len(data['train'][1])} train / {len(data['test'][1])} test images, {data['classes']} classes, {device}"
+          + (f"; resuming after {checkpoint.saved[0]} epoch {checkpoint.saved[1]}" if checkpoint.saved else ''))
+    speed, times = report.setdefault('speed', {}), report['time_s']
 
     # 1. the dense network
-    t0 = time.time()
-    speed = {'dense': train(model, data, 0 if args.pretrained else args.dense_epochs, args.lr, args, 'dense')}
-    times['dense'] = time.time() - t0
-    save_model(model, outputs[1], data['mean'], data['std'])
-    dense_acc = evaluate(model, data)
-    print(f"dense accuracy {dense_acc:.4f}")
+    if not checkpoint.reached('prune'):
+        t0 = time.time()
+        speed['dense'] = train(model, data, 0 if args.pretrained else args.dense_epochs, args.lr, args, 'dense',
+                               checkpoint)
+        times['dense'] = time.time() - t0
+        if not finite(model):
+            fail('dense training diverged: the weights are NaN or inf; lower --lr')
+        save_model(model, outputs[1], data['mean'], data['std'])
+        report['dense_accuracy'] = evaluate(model, data)
+    print(f"dense accuracy {report['dense_accuracy']:.4f}")
 
     # 2. CRL: learn the keep-probabilities under the budget while the weights adapt
     budget, policy = budget.to(device), policy.to(device)
-    t0 = time.time()
-    speed['prune'], lam = prune(model, policy, costs, budget, data, args)
-    times['prune'] = time.time() - t0
+    if not checkpoint.reached('finetune'):
+        t0 = time.time()
+        speed['prune'], lam = prune(model, policy, costs, budget, data, args, checkpoint)
+        times['prune'] = time.time() - t0
 
-    # 3. the final mask (for a latency budget: checked by timing the compact network), compacted, then fine-tuned
-    if 'latency' in costs:
-        mask, measured_latency = fit_latency(model, policy, costs, budget, multiple)
-    else:
-        mask = final_mask(policy, costs, budget, multiple)
-    small = compact(model, policy.split(mask))
-    if args.reinit:  # keep the widths CRL found, train them from random initialisation (Liu et al., ICLR 2019)
-        small = build(args.arch, small.widths, data['classes']).to(device)
-    if data['channels_last']:
-        small.to(memory_format=torch.channels_last)
-    recalibrate_bn(small, data)
-    acc_before = evaluate(small, data)
-    print(f"compact network kept {small.widths}; accuracy before fine-tuning {acc_before:.4f}")
+        # 3. the final mask (for a latency budget: checked by timing the compact network), compacted
+        if 'latency' in costs:
+            mask, report['latency_measured'] = fit_latency(model, policy, costs, budget, multiple)
+        else:
+            mask = final_mask(policy, costs, budget, multiple)
+        small = compact(model, policy.split(mask))
+        if args.reinit:  # keep the widths CRL found, train them from random initialisation (Liu et al., ICLR 2019)
+            small = build(args.arch, small.widths, data['classes']).to(device)
+        if data['channels_last']:
+            small.to(memory_format=torch.channels_last)
+        recalibrate_bn(small, data)
+        report['accuracy_before_finetune'], report['widths'] = evaluate(small, data), small.widths
+    else:  # resumed while fine-tuning: the compact network's shape; its weights, policy and multipliers follow
+        small = build(args.arch, report['widths'], data['classes']).to(device)
+        if data['channels_last']:
+            small.to(memory_format=torch.channels_last)
+        lam = torch.zeros_like(budget)  # restored with the policy by `train`
+    print(f"compact network kept {small.widths}; accuracy before fine-tuning {report['accuracy_before_finetune']:.4f}")
+
+    # 4. fine-tuning
     t0 = time.time()
-    speed['finetune'] = train(small, data, args.finetune_epochs, args.lr, args, 'finetune')
+    speed['finetune'] = train(small, data, args.finetune_epochs, args.lr, args, 'finetune', checkpoint,
+                              policy=policy, lam=lam)
     times['finetune'] = time.time() - t0
     pruned_acc = evaluate(small, data)
     save_model(small, outputs[2], data['mean'], data['std'])
@@ -1197,15 +1340,16 @@ def main(argv=None):
     kept = torch.tensor([small.widths])
     fractions.update({n: c(kept).item() for n, c in costs.items() if n not in COSTS + ['latency']})  # user costs
     if 'latency' in costs:
-        fractions['latency'] = measured_latency  # measured, not predicted
+        fractions['latency'] = report['latency_measured']['pruned_ms'] / report['latency_measured']['dense_ms']
     results = {
         'arch': args.arch, 'width': args.width, 'data': args.data or args.dataset, 'device': str(device),
         'budget': fraction_budget,
         'budget_absolute': {n: b * dense_cost[n] for n, b in fraction_budget.items()},
         'budget_met': all(fractions[k] <= b for k, b in fraction_budget.items()),
         'fractions': {n: fractions[n] for n in budget_names},
-        'dense': {'params': dp, 'macs': dm, 'accuracy': dense_acc},
-        'pruned': {'params': pp, 'macs': pm, 'accuracy': pruned_acc, 'accuracy_before_finetune': acc_before,
+        'dense': {'params': dp, 'macs': dm, 'accuracy': report['dense_accuracy']},
+        'pruned': {'params': pp, 'macs': pm, 'accuracy': pruned_acc,
+                   'accuracy_before_finetune': report['accuracy_before_finetune'],
                    'params_fraction': fractions['params'], 'macs_fraction': fractions['macs']},
         'channels': dict(zip(model.group_names, small.widths)),
         'dense_channels': dict(zip(model.group_names, model.widths)),
@@ -1220,19 +1364,24 @@ def main(argv=None):
         results['latency'] = {
             'device': lat.table['meta']['device'], 'batch': args.latency_batch, 'bf16': lat.run['bf16'],
             'channels_last': lat.run['channels_last'], 'table_build_s': lat.build_s,
-            'dense_measured_ms': lat.dense_ms,
+            'dense_measured_ms': report['latency_measured']['dense_ms'],
             'dense_predicted_ms': lat.predict_ms(torch.tensor([model.widths])).item(),
-            'pruned_measured_ms': measured_latency * lat.dense_ms,
+            'pruned_measured_ms': report['latency_measured']['pruned_ms'],
             'pruned_predicted_ms': lat.predict_ms(kept).item()}
-        print(f"latency on {lat.table['meta']['device']}, batch {args.latency_batch}: dense {lat.dense_ms:.3f} ms, "
-              f"pruned {measured_latency * lat.dense_ms:.3f} ms measured ({measured_latency:.3f} of dense, "
-              f"budget {fraction_budget['latency']:.3f}), {results['latency']['pruned_predicted_ms']:.3f} ms predicted")
+        r = results['latency']
+        print(f"latency on {r['device']}, batch {args.latency_batch}, timed in turns: dense "
+              f"{r['dense_measured_ms']:.3f} ms, pruned {r['pruned_measured_ms']:.3f} ms "
+              f"({fractions['latency']:.3f} of dense, budget {fraction_budget['latency']:.3f}); "
+              f"predicted {r['pruned_predicted_ms']:.3f} ms")
     if args.speed:
         results['speed'] = {'dense': inference_speed(model, data), 'pruned': inference_speed(small, data)}
         print_speed(results)
-    with open(outputs[0], 'w') as f:
+    with open(outputs[0] + '.tmp', 'w') as f:
         json.dump(results, f, indent=2)
-    print(f"dense  {dp:,} params {dm:,} MACs accuracy {dense_acc:.4f}\n"
+    os.replace(outputs[0] + '.tmp', outputs[0])
+    if os.path.exists(outputs[3]):
+        os.remove(outputs[3])  # the run is complete: its results replace the checkpoint
+    print(f"dense  {dp:,} params {dm:,} MACs accuracy {report['dense_accuracy']:.4f}\n"
           f"pruned {pp:,} params ({fractions['params']:.3f}) {pm:,} MACs ({fractions['macs']:.3f}) "
           f"accuracy {pruned_acc:.4f}; budget met: {results['budget_met']}; results in {args.out}")
     return results

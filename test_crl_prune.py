@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 
@@ -582,6 +583,9 @@ def test_divergence_stops_with_one_line_and_saves_no_nan_checkpoint(tmp_path, ti
     if (out / 'dense.pt').exists():  # saved only after a finite dense phase
         state = torch.load(out / 'dense.pt', weights_only=True)['state_dict']
         assert all(torch.isfinite(t).all() for t in state.values())
+    if (out / 'checkpoint.pt').exists():
+        state = torch.load(out / 'checkpoint.pt', weights_only=True)['objects']['model']
+        assert all(torch.isfinite(t).all() for t in state.values())
 
 
 def test_pretrained_network_keeps_its_own_input_statistics(tmp_path, tiny):
@@ -720,10 +724,11 @@ def test_latency_table_structure_reuse_and_refusal(tmp_path):
 
 def test_latency_budget_end_to_end_reports_measured_latency(tmp_path, tiny):
     out = tmp_path / 'out'
-    r = crl.main([*TINY, '--width', '0.25', '--data', tiny, '--out', str(out), '--budget', 'latency=0.9'])
+    r = crl.main([*TINY, '--width', '0.25', '--data', tiny, '--out', str(out), '--budget', 'latency=0.9',
+                  '--latency-batch', '32'])  # at batch 1 this small a network is all overhead: nothing to cut
     saved = json.loads((out / 'results.json').read_text())
     lat = saved['latency']
-    assert lat['device'].startswith('cpu') and lat['batch'] == 1
+    assert lat['device'].startswith('cpu') and lat['batch'] == 32
     for k in ('dense_measured_ms', 'dense_predicted_ms', 'pruned_measured_ms', 'pruned_predicted_ms'):
         assert lat[k] > 0
     assert saved['fractions']['latency'] == pytest.approx(lat['pruned_measured_ms'] / lat['dense_measured_ms'])
@@ -780,3 +785,85 @@ def test_script_runs_resnet18_from_the_command_line(tmp_path, tiny):
     assert 'prune epoch 1' in r.stdout and 'lam macs=' in r.stdout
     saved = json.loads((out / 'results.json').read_text())
     assert saved['budget_met'] and saved['pruned']['macs'] <= 0.4 * saved['dense']['macs']
+
+
+# --- Checkpoints and --resume -----------------------------------------------------------------------------------------
+# TINY: 36 training images, batch 12, so 3 steps per epoch in every phase; with 2 epochs a phase, steps 1-6 are dense
+# training, 7-12 pruning, 13-18 fine-tuning.
+RESUMABLE = [*TINY, '--dense-epochs', '2', '--prune-epochs', '2', '--finetune-epochs', '2', '--budget', 'params=0.3',
+             '--checkpoint-every', '0']
+
+
+def interrupt_at(mp, step):
+    """Ctrl-C (a KeyboardInterrupt) after `step` training steps, counted over all phases."""
+    real, calls = crl.Progress.add, []
+
+    def add(self, *a, **k):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+    mp.setattr(crl.Progress, 'add', add)
+
+
+@pytest.mark.parametrize('step, saved', [(5, 'dense epoch 1'), (11, 'prune epoch 1'), (17, 'finetune epoch 1')])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, tiny, step, saved):
+    whole = crl.main([*RESUMABLE, '--data', tiny, '--out', str(tmp_path / 'whole')])
+    out = str(tmp_path / 'cut')
+    argv = [*RESUMABLE, '--data', tiny, '--out', out]
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt_at(mp, step)
+        with pytest.raises(SystemExit) as e:
+            crl.main(argv)
+    line = str(e.value.code)
+    assert 'interrupted' in line and saved in line and line.endswith(shlex.join(['python', 'crl_prune.py', *argv,
+                                                                                 '--resume']))
+    with pytest.raises(SystemExit, match='--resume'):  # an unfinished run is not started over by accident
+        crl.main(argv)
+    resumed = crl.main([*argv, '--resume'])
+    for key in ('channels', 'dense', 'pruned', 'multipliers', 'keep_probability_mean', 'budget_met'):
+        assert resumed[key] == whole[key], key
+    a, b = (torch.load(os.path.join(d, 'pruned.pt'), weights_only=True)['state_dict'] for d in (tmp_path / 'whole', out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not os.path.exists(os.path.join(out, 'checkpoint.pt'))  # a finished run leaves its results only
+    with pytest.raises(SystemExit, match='finished already'):
+        crl.main([*argv, '--resume'])
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path, tiny):
+    out = str(tmp_path / 'out')
+    with pytest.raises(SystemExit, match='cannot read'):
+        crl.main([*RESUMABLE, '--data', tiny, '--out', out, '--resume'])
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt_at(mp, 8)
+        with pytest.raises(SystemExit, match='interrupted'):
+            crl.main([*RESUMABLE, '--data', tiny, '--out', out])
+    with pytest.raises(SystemExit, match=r"other arguments: --lr 0\.1 \(now 0\.05\)"):
+        crl.main([*RESUMABLE, '--data', tiny, '--out', out, '--resume', '--lr', '0.05'])
+
+
+def test_checkpoints_are_written_every_so_many_seconds_and_at_phase_ends(tmp_path, tiny, monkeypatch):
+    phases = []
+    real = crl.save_atomic
+    monkeypatch.setattr(crl, 'save_atomic', lambda obj, path: (path.endswith('checkpoint.pt') and phases.append(
+        (obj['phase'], obj['epoch']))) or real(obj, path))
+    crl.main([*RESUMABLE, '--data', tiny, '--out', str(tmp_path / 'a'), '--checkpoint-every', '3600'])
+    assert phases == [('dense', 2), ('prune', 2), ('finetune', 2)]
+    phases.clear()
+    crl.main([*RESUMABLE, '--data', tiny, '--out', str(tmp_path / 'b')])
+    assert phases == [(p, e) for p in ('dense', 'prune', 'finetune') for e in (1, 2)]
+
+
+def test_a_save_killed_halfway_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    path = str(tmp_path / 'checkpoint.pt')
+    crl.save_atomic({'epoch': 1}, path)
+
+    def dies_halfway(obj, f):
+        with open(f, 'wb') as h:
+            h.write(b'half a file')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'save', dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        crl.save_atomic({'epoch': 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {'epoch': 1}

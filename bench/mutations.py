@@ -28,6 +28,13 @@ M = [  # name, text in crl_prune.py, what replaces it
  ('cost term sign flipped', 'lagrangian = reward - (cost - budget) @ lam', 'lagrangian = reward + (cost - budget) @ lam'),
  ('dual ascent sign flipped', 'integral = (integral + eta * error).clamp(min=0)', 'integral = (integral - eta * error).clamp(min=0)'),
  ('compact ignores BN stats', "            target.copy_(t)", "            target.copy_(t) if t.dim() > 1 else None"),
+ ('resume forgets the random streams', "        torch.set_rng_state(self.state['rng']['cpu'])", "        pass"),
+ ('resume forgets the optimisers', "obj.copy_(saved) if isinstance(obj, torch.Tensor) else obj.load_state_dict(saved)",
+  "obj.copy_(saved) if isinstance(obj, torch.Tensor) else (obj.load_state_dict(saved) if isinstance(obj, nn.Module) else 0)"),
+ ('resume forgets the multipliers', "obj.copy_(saved) if isinstance(obj, torch.Tensor) else obj.load_state_dict(saved)",
+  "0 if isinstance(obj, torch.Tensor) else obj.load_state_dict(saved)"),
+ ('resume repeats the saved epoch', "        return self.state['epoch'] + 1", "        return self.state['epoch']"),
+ ('checkpoint written in place', "    torch.save(obj, path + '.tmp')\n    os.replace(path + '.tmp', path)", "    torch.save(obj, path)"),
 ]
 only = sys.argv[1:]
 try:
