@@ -867,3 +867,143 @@ def test_a_save_killed_halfway_leaves_the_previous_file_whole(tmp_path, monkeypa
         crl.save_atomic({'epoch': 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {'epoch': 1}
+
+
+# --- bench/compare.py: the baselines ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def compare(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(HERE, 'bench'))
+    import compare
+    return compare
+
+
+BENCH = ['--arch', 'vgg11', '--width', '0.0625', '--seeds', '0', '--dense-epochs', '1', '--prune-epochs', '1',
+         '--finetune-epochs', '2', '--batch-size', '16', '--budgets', 'params=0.3']
+
+
+def spy_on_training(monkeypatch, compare):
+    """Every crl.train call: its phase, epochs, lr, weight decay, input statistics, the kept widths of the network and
+    whether the network is freshly initialised; and the channel choice (l1, random) of every crl-widths row."""
+    calls, train, masks = [], crl.train, compare.channel_masks
+
+    def spy(model, data, epochs, lr, args, phase, *more, **keep):
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        calls.append({'phase': phase, 'epochs': epochs, 'lr': lr, 'wd': args.wd, 'mean': data['mean'].tolist(),
+                      'widths': compare.kept_widths(model),
+                      'fresh': all(bool((m.weight == 1).all() and (m.running_mean == 0).all()) for m in bns)})
+        return train(model, data, epochs, lr, args, phase, *more, **keep)
+    monkeypatch.setattr(crl, 'train', spy)
+    monkeypatch.setattr(compare, 'channel_masks', lambda model, widths, how, seed: calls.append({'choice': how}) or
+                        masks(model, widths, how, seed))
+    return calls
+
+
+def test_bench_rows_at_equal_training(tmp_path, tiny, compare, monkeypatch):
+    """The scratch and crl-widths rows take the CRL row's widths; the scratch rows train fresh networks, the others
+    networks cut from the dense checkpoint (by L1 norm or at random); every row trains dense 1 + prune 1 + finetune
+    2 = 4 epochs in all, as its record says. A CRL variant (--crl-name) adds its own rows and reruns none."""
+    calls = spy_on_training(monkeypatch, compare)
+    argv = ['--data', tiny, *BENCH, '--out', str(tmp_path / 'bench')]
+    methods = ['crl', 'scratch', 'uniform-scratch', 'crl-widths-l1', 'crl-widths-random']
+    rows = {r['method']: r for r in compare.main([*argv, '--methods', *methods])}
+    assert set(rows) == set(methods)
+    assert rows['crl']['epochs'] == {'dense': 1, 'sparsity': 0, 'prune': 1, 'finetune': 2, 'scratch': 0}
+    crl_widths = list(rows['crl']['channels'].values())
+    for method in methods[1:]:
+        r = rows[method]
+        trained = [c for c in calls if c.get('phase') == method]
+        assert sum(c['epochs'] for c in trained) == sum(r['epochs'].values()) - r['epochs']['dense'] > 0
+        assert sum(r['epochs'].values()) == 4
+        assert all(c['fresh'] == method.endswith('scratch') and c['lr'] == 0.1 for c in trained)
+        assert all(c['widths'] == list(r['channels'].values()) for c in trained)
+        assert (list(r['channels'].values()) == crl_widths) == (method != 'uniform-scratch')
+        assert r['params_fraction'] <= 0.3
+    assert rows['scratch']['epochs']['scratch'] == 4 and rows['crl-widths-l1']['epochs']['finetune'] == 3
+    assert [c['choice'] for c in calls if 'choice' in c] == ['l1', 'random']
+
+    calls.clear()
+    again = compare.main([*argv, '--methods', 'crl', 'scratch', 'uniform-scratch', '--crl-name', 'crl-reinit',
+                          '--crl-args=--reinit'])
+    new = {r['method']: r for r in again[len(rows):]}
+    assert len(again) == len(rows) + 2 and set(new) == {'crl-reinit', 'scratch:crl-reinit'}
+    assert new['crl-reinit']['epochs'] == {'dense': 1, 'sparsity': 0, 'prune': 1, 'finetune': 0, 'scratch': 2}
+    assert new['scratch:crl-reinit']['channels'] == new['crl-reinit']['channels']
+    assert [c['phase'] for c in calls if c.get('phase') in compare.METHODS] == ['scratch']  # uniform-scratch: done
+
+
+def test_bench_rows_see_the_inputs_of_the_pretrained_checkpoint(tmp_path, tiny, compare, monkeypatch):
+    """Baselines normalise their inputs with the statistics of the dense checkpoint, as crl_prune --pretrained does."""
+    calls = spy_on_training(monkeypatch, compare)
+    path = str(tmp_path / 'dense.pt')
+    crl.save_model(crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 3), path, torch.tensor([0.25, 0.5, 0.75]),
+                   torch.tensor([0.5, 0.5, 0.5]))
+    compare.main(['--data', tiny, *BENCH, '--out', str(tmp_path / 'bench'), '--pretrained', path,
+                  '--methods', 'uniform-scratch'])
+    assert [c['mean'] for c in calls] == [[0.25, 0.5, 0.75]]
+
+
+def test_bench_channel_choice_and_uniform_widths(compare):
+    torch.manual_seed(0)
+    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 10)
+    widths = [max(1, w // 3) for w in model.widths]
+    l1 = compare.channel_masks(model, widths, 'l1', 0)
+    for u in crl.units(model)[:-1]:  # VGG: one layer produces each group
+        norms, kept = u.layer.weight.detach().flatten(1).abs().sum(1), l1[u.out].bool()
+        assert kept.sum() == widths[u.out] and norms[kept].min() >= norms[~kept].max()
+    random = [compare.channel_masks(model, widths, 'random', seed) for seed in (0, 1)]
+    assert [m.sum().item() for m in random[0]] == widths
+    assert any(not torch.equal(a, b) for a, b in zip(*random))
+    assert any(not torch.equal(a, b) for a, b in zip(random[0], l1))
+    dense, d = crl.measure(model)[0], torch.tensor(model.widths)
+    for fraction in (0.1, 0.3):
+        w = torch.tensor(compare.uniform_widths(model, fraction))
+        r = (w / d).median()
+        assert ((d * r).round() - w).abs().max() <= 1  # one ratio for every group, up to rounding
+        assert fraction - 0.03 < crl.measure(crl.build('vgg11', w.tolist(), 10))[0] / dense <= fraction
+
+
+@pytest.mark.parametrize('method, pruner, normalizer', [('tp-group-reg', 'GroupNormPruner', 'max'),
+                                                        ('slimming', 'BNScalePruner', None)])
+def test_bench_sparsity_learning_shrinks_the_bn_scales(compare, method, pruner, normalizer):
+    """Configured as documented (global pruning, the normaliser), and the pruner's regulariser is applied at every
+    step of the sparsity-learning phase."""
+    tp = pytest.importorskip('torch_pruning')
+    args = crl.parse_args(['--batch-size', '32', '--prune-lr', '0.01', '--log-every', '1000000'])
+    scales = []
+    for reg in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 2)
+        p = compare.pruner(model, method, reg, steps=10)
+        assert type(p) is getattr(tp.pruner, pruner) and p.global_pruning and p.importance.normalizer == normalizer
+        compare.sparsity_learning(model, p, signal_data(128), 2, args, method)
+        scales.append(sum(m.weight.abs().sum() for m in model.modules() if isinstance(m, nn.BatchNorm2d)).item())
+    assert scales[1] < 0.9 * scales[0], scales
+
+
+def test_bench_sparsity_learning_rows(tmp_path, tiny, compare, monkeypatch):
+    """Sparsity learning for the pruning epochs at the weights' pruning lr (without weight decay for tp-group-reg,
+    as Torch-Pruning's reproduction trains), then fine-tuning; a criterion without it fine-tunes for both."""
+    pytest.importorskip('torch_pruning')
+    calls = spy_on_training(monkeypatch, compare)
+    methods = ['tp-group-reg', 'slimming', 'l1-uniform']
+    rows = compare.main(['--data', tiny, *BENCH, '--out', str(tmp_path / 'bench'), '--methods', *methods])
+    assert [r['method'] for r in rows] == methods
+    for r in rows:
+        assert r['params_fraction'] <= 0.3 and sum(r['epochs'].values()) == 4
+        sparsity = 1 if r['method'] != 'l1-uniform' else 0
+        assert r['epochs'] == {'dense': 1, 'sparsity': sparsity, 'prune': 0, 'finetune': 3 - sparsity, 'scratch': 0}
+        trained = {c['phase']: (c['epochs'], c['lr'], c['wd']) for c in calls if c['phase'].startswith(r['method'])}
+        expected = {r['method']: (3 - sparsity, 0.1, 5e-4)}
+        if sparsity:
+            expected[f"{r['method']}-sparsity"] = (1, 0.02, 0.0 if r['method'] == 'tp-group-reg' else 5e-4)
+        assert trained == expected
+
+
+def test_bench_refuses_what_it_cannot_run(tmp_path, tiny, compare):
+    argv = ['--data', tiny, *BENCH, '--out', str(tmp_path / 'bench')]
+    with pytest.raises(SystemExit, match='parameter budget alone'):
+        compare.main([*argv, '--budgets', 'params=0.3,macs=0.5', '--methods', 'crl', 'uniform-scratch'])
+    assert not (tmp_path / 'bench').exists()  # before any training
+    with pytest.raises(SystemExit, match='add crl to --methods'):
+        compare.main([*argv, '--methods', 'scratch'])
