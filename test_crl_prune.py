@@ -293,6 +293,14 @@ def test_final_mask_keeps_multiples_of_eight_within_the_budget(arch):
         assert all(k >= r for k, r in zip(kept[0].tolist(), crl.rounded(policy.widths, plain, 8)))
 
 
+def test_final_mask_finds_the_longest_prefix_when_the_cost_is_not_monotone():
+    policy = crl.Policy([8], 0.5)
+    policy.theta.data = torch.arange(8.)  # channel 7 most probable, channel 0 least
+    spiky = {'spiky': lambda kept: torch.where(kept[:, 0] == 4, 2.0, kept[:, 0] / 8).double()}  # 4 channels: over
+    mask = crl.final_mask(policy, spiky, torch.tensor([0.9], dtype=torch.float64))
+    assert mask.tolist() == [0, 1, 1, 1, 1, 1, 1, 1]  # 7 channels, past the spike; bisection would stop at 3
+
+
 def test_final_mask_rejects_an_infeasible_budget():
     model = crl.build('vgg11', crl.dense_widths('vgg11', 0.25), 10)
     costs = crl.make_costs(model, ['params'])
@@ -362,7 +370,7 @@ def write_image_folder(root, classes=3, train=12, test=6, size=32):
 
 def test_image_folder_loader(tmp_path):
     root = write_image_folder(tmp_path / 'data', size=40)
-    args = crl.parse_args(['--data', root])
+    args = crl.parse_args(['--data', root, '--batch-size', '16'])
     data = crl.load_data(args, torch.device('cpu'))
     x, y = data['train']
     assert x.shape == (36, 3, 32, 32) and x.dtype == torch.uint8
@@ -499,6 +507,7 @@ TINY = ['--arch', 'vgg11', '--width', '0.0625', '--dense-epochs', '1', '--prune-
     (['--prune-epochs', '0'], '--prune-epochs must be >= 1'),
     (['--batch-size', '1'], 'at least 2 images per sampled mask'),
     (['--subset', '1000'], 'has only 36 images'),
+    (['--subset', '1'], 'fewer than one batch'),
 ])
 def test_bad_arguments_fail_with_one_line(tmp_path, tiny, args, message):
     with pytest.raises(SystemExit) as e:
