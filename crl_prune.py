@@ -28,7 +28,9 @@ Sections, in pipeline order:
 """
 import argparse
 import copy
+import csv
 import functools
+import glob
 import json
 import math
 import os
@@ -810,13 +812,62 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+class Metrics:
+    """metrics.csv in the run folder: one row per printed progress line (`log`) and one per phase with its test
+    accuracy (`test_accuracy`), in columns fixed at the start (the constraints are known then), empty cells where a
+    column does not apply. With `tensorboard`, the same scalars also go to TensorBoard events in DIR/tensorboard,
+    tagged phase/column, over the steps of the phase."""
+
+    def __init__(self, out, constraints, tensorboard=False):
+        self.columns = ['phase', 'epoch', 'step', 'images', 'loss', 'accuracy', 'images_per_s', 'eta_s',
+                        *(f'cost_{n}' for n in constraints), *(f'lambda_{n}' for n in constraints),
+                        'keep_mean', 'keep_below_0.1', 'keep_above_0.9', 'test_accuracy']
+        self.file = open(os.path.join(out, 'metrics.csv'), 'w', newline='')
+        self.csv = csv.DictWriter(self.file, self.columns, restval='')  # an unknown column raises: a bug
+        self.csv.writeheader()
+        self.last = {}  # phase -> its last row's epoch, step and images: where its test accuracy goes
+        self.tensorboard = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            for old in glob.glob(os.path.join(out, 'tensorboard', 'events.out.tfevents.*')):  # --overwrite: the
+                os.remove(old)  # curves of the run replaced would mix with these
+            self.tensorboard = SummaryWriter(os.path.join(out, 'tensorboard'))
+
+    def log(self, phase, epoch, step, images, **values):
+        """One row: `step` and `images` count from the start of the phase; values: column -> number."""
+        self.last[phase] = {'epoch': epoch, 'step': step, 'images': images}
+        self.csv.writerow({'phase': phase, 'epoch': epoch, 'step': step, 'images': images, **values})
+        self.file.flush()  # a run stopped half-way keeps its rows
+        if self.tensorboard:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(f'{phase}/{name}', value, step)
+            self.tensorboard.flush()
+
+    def test_accuracy(self, phase, accuracy):
+        """The test accuracy after `phase`, placed at its last step (0 for a phase that ran none)."""
+        self.log(phase, **self.last.get(phase, {'epoch': 0, 'step': 0, 'images': 0}), test_accuracy=accuracy)
+
+    def close(self):
+        self.file.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+def duration(seconds):
+    """'45s', '1m23s' or '2h05m'."""
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class Progress:
     """Sums of loss, correct predictions (and costs) kept as one device tensor, so that a step never waits for the
-    device; one line is printed every `every` steps and at the end of each epoch. Throughput is steady-state: timed
-    from the end of the first `warmup` steps, whose extra time (compilation, cuDNN autotuning) is reported apart."""
+    device; one line is printed every `every` steps and at the end of each epoch, and is also a row of `metrics`.
+    Throughput and the estimate of the time left in the phase (of `total_steps`) are steady-state: timed from the end
+    of the first `warmup` steps, whose extra time (compilation, cuDNN autotuning) is reported apart."""
 
-    def __init__(self, phase, every, device, n_costs=0, warmup=5):
+    def __init__(self, phase, every, device, n_costs=0, warmup=5, total_steps=0, metrics=None):
         self.phase, self.every, self.device, self.warmup = phase, every, device, warmup
+        self.total_steps, self.metrics = total_steps, metrics
         self.sums = torch.zeros(2 + n_costs, device=device, dtype=torch.float64)
         self.images = self.seen = self.steps = 0
         self.start = self.tick = time.time()
@@ -832,17 +883,27 @@ class Progress:
             sync(self.device)
             self.warm = (time.time(), self.images)
 
+    def eta(self, now):
+        """Seconds left in the phase at the steady-state rate (before the warm-up steps end: the rate so far)."""
+        t, done = (self.warm[0], self.warmup) if self.warm and self.steps > self.warmup else (self.start, 0)
+        return (self.total_steps - self.steps) * (now - t) / max(self.steps - done, 1)
+
     def maybe_print(self, epoch, step, steps, describe=None):
-        """describe: mean costs -> the end of the line, called only when a line is printed."""
+        """describe: mean costs -> (the end of the line, {metrics column: value}), called only when a line is
+        printed."""
         if step % self.every and step != steps:
             return
         s, n, now = self.sums.tolist(), self.images - self.seen, time.time()
         if not all(map(math.isfinite, s)):  # checked where the sums reach the host anyway: no extra sync
             fail(f"{self.phase} epoch {epoch} step {step}: the loss or a cost became {s[0] / n} (NaN or inf); "
                  f"training diverged, most likely a learning rate too high for this network (--lr, --prune-lr)")
-        line = (f"{self.phase} epoch {epoch} step {step}/{steps} loss {s[0] / n:.3f} acc {s[1] / n:.3f} "
-                f"img/s {n / (now - self.tick):.0f}")
-        print(line if describe is None else f"{line} {describe([v / n for v in s[2:]])}", flush=True)
+        rate, eta = n / (now - self.tick), self.eta(now)
+        text, values = describe([v / n for v in s[2:]]) if describe else ('', {})
+        print(f"{self.phase} epoch {epoch} step {step}/{steps} loss {s[0] / n:.3f} acc {s[1] / n:.3f} img/s "
+              f"{rate:.0f} eta {duration(eta)} {text}".rstrip(), flush=True)
+        if self.metrics:
+            self.metrics.log(self.phase, epoch, self.steps, self.images, loss=s[0] / n, accuracy=s[1] / n,
+                             images_per_s=round(rate, 1), eta_s=round(eta, 1), **values)
         self.sums.zero_()
         self.tick, self.seen = now, self.images
 
@@ -858,13 +919,13 @@ class Progress:
         return {'images_per_s': rate, 'overhead_s': max(t - self.start - images / rate, 0.0) if rate else 0.0}
 
 
-def train(model, data, epochs, lr, args, phase):
+def train(model, data, epochs, lr, args, phase, metrics=None):
     """Supervised training of a whole network (the dense one, then the compact one)."""
     device = data['train'][0].device
     per_epoch = max(len(data['train'][1]) // args.batch_size, 1)
     opt, sched = sgd(model, lr, epochs * per_epoch, args)
     net = torch.compile(model) if args.compile else model
-    progress = Progress(phase, args.log_every, device)
+    progress = Progress(phase, args.log_every, device, total_steps=epochs * per_epoch, metrics=metrics)
     model.train()
     for epoch in range(1, epochs + 1):
         for step, (x, y) in enumerate(batches(data, 'train', args.batch_size, train=True), 1):
@@ -880,7 +941,7 @@ def train(model, data, epochs, lr, args, phase):
     return progress.speed()
 
 
-def prune(model, policy, costs, budget, data, args):
+def prune(model, policy, costs, budget, data, args, metrics=None):
     """The CRL pruning phase: policy gradient on theta, dual ascent on lambda and SGD on the weights, every step.
     A pruning epoch processes as many images as a dense epoch: batch_size / K distinct images per step, each seen
     under all K masks."""
@@ -892,12 +953,18 @@ def prune(model, policy, costs, budget, data, args):
     opt_p = torch.optim.Adam(policy.parameters(), args.policy_lr)
     integral = lam = torch.zeros_like(budget)
     net = torch.compile(model) if args.compile else model
-    progress = Progress('prune', args.log_every, device, len(budget))
+    progress = Progress('prune', args.log_every, device, len(budget), total_steps=args.prune_epochs * per_epoch,
+                        metrics=metrics)
     model.train()
 
-    def describe(mean_cost):  # the expected cost of each constraint next to its multiplier, and the mean keep-prob.
+    def describe(mean_cost):  # the expected cost of each constraint next to its multiplier, and the keep-probs.
+        lams, p = lam.tolist(), torch.sigmoid(policy.theta.detach())
+        keep = torch.stack([p.mean(), (p < 0.1).float().mean(), (p > 0.9).float().mean()]).tolist()
         pairs = lambda values: ' '.join(f"{name}={v:.3f}" for name, v in zip(costs, values))  # noqa: E731
-        return f"cost {pairs(mean_cost)} lam {pairs(lam.tolist())} keep {torch.sigmoid(policy.theta).mean():.3f}"
+        return (f"cost {pairs(mean_cost)} lam {pairs(lams)} keep {keep[0]:.3f}",
+                {**{f'cost_{name}': v for name, v in zip(costs, mean_cost)},
+                 **{f'lambda_{name}': v for name, v in zip(costs, lams)},
+                 'keep_mean': keep[0], 'keep_below_0.1': keep[1], 'keep_above_0.9': keep[2]})
 
     for epoch in range(1, args.prune_epochs + 1):
         for step, (x, y) in zip(range(1, per_epoch + 1), batches(data, 'train', n, train=True)):
@@ -965,6 +1032,8 @@ def parse_args(argv):
     p.add_argument('--speed', action='store_true', help='also time inference of the dense and the pruned network')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--log-every', type=int, default=100, help='steps between progress lines')
+    p.add_argument('--tensorboard', action='store_true', help='also write the scalars of metrics.csv as TensorBoard '
+                   'events into OUT/tensorboard (needs the tensorboard package)')
     p.add_argument('--out', help='output directory (default: runs/ARCH-BUDGET)')
     p.add_argument('--overwrite', action='store_true', help='replace the results already in --out')
     args = p.parse_args(argv)
@@ -994,6 +1063,12 @@ def parse_args(argv):
              f"per mask), so at least 2 x --samples = {2 * args.samples}")
     if not 0 < args.init_keep < 1:
         fail('--init-keep must be in (0, 1)')
+    if args.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            fail('--tensorboard needs the tensorboard package (pip install tensorboard); metrics.csv has the same '
+                 'scalars without it')
     args.out = args.out or os.path.join('runs', f"{args.arch}-{args.budget.replace('=', '').replace(',', '-')}")
     return args
 
@@ -1126,7 +1201,8 @@ def main(argv=None):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out} is a file; choose a directory")
     outputs = [os.path.join(args.out, f) for f in ('results.json', 'dense.pt', 'pruned.pt')]
-    if not args.overwrite and any(os.path.exists(f) for f in outputs):
+    written = outputs + [os.path.join(args.out, f) for f in ('metrics.csv', 'tensorboard')]
+    if not args.overwrite and any(os.path.exists(f) for f in written):
         fail(f"--out {args.out} already holds results; pass --overwrite to replace them or choose another --out")
     classes = image_folder_splits(args.data)[2] if args.data else {'cifar10': 10, 'cifar100': 100}[args.dataset]
     if args.pretrained and not os.path.isfile(args.pretrained):
@@ -1156,21 +1232,24 @@ def main(argv=None):
     if data['channels_last']:
         model.to(memory_format=torch.channels_last)
     os.makedirs(args.out, exist_ok=True)
+    metrics = Metrics(args.out, budget_names, args.tensorboard)
     print(f"{args.arch} width {args.width}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(data['train'][1])} train / {len(data['test'][1])} test images, {data['classes']} classes, {device}")
 
     # 1. the dense network
     t0 = time.time()
-    speed = {'dense': train(model, data, 0 if args.pretrained else args.dense_epochs, args.lr, args, 'dense')}
+    dense_epochs = 0 if args.pretrained else args.dense_epochs
+    speed = {'dense': train(model, data, dense_epochs, args.lr, args, 'dense', metrics)}
     times['dense'] = time.time() - t0
     save_model(model, outputs[1], data['mean'], data['std'])
     dense_acc = evaluate(model, data)
+    metrics.test_accuracy('dense', dense_acc)
     print(f"dense accuracy {dense_acc:.4f}")
 
     # 2. CRL: learn the keep-probabilities under the budget while the weights adapt
     budget, policy = budget.to(device), policy.to(device)
     t0 = time.time()
-    speed['prune'], lam = prune(model, policy, costs, budget, data, args)
+    speed['prune'], lam = prune(model, policy, costs, budget, data, args, metrics)
     times['prune'] = time.time() - t0
 
     # 3. the final mask (for a latency budget: checked by timing the compact network), compacted, then fine-tuned
@@ -1185,11 +1264,14 @@ def main(argv=None):
         small.to(memory_format=torch.channels_last)
     recalibrate_bn(small, data)
     acc_before = evaluate(small, data)
+    metrics.test_accuracy('prune', acc_before)
     print(f"compact network kept {small.widths}; accuracy before fine-tuning {acc_before:.4f}")
     t0 = time.time()
-    speed['finetune'] = train(small, data, args.finetune_epochs, args.lr, args, 'finetune')
+    speed['finetune'] = train(small, data, args.finetune_epochs, args.lr, args, 'finetune', metrics)
     times['finetune'] = time.time() - t0
     pruned_acc = evaluate(small, data)
+    metrics.test_accuracy('finetune', pruned_acc)
+    metrics.close()
     save_model(small, outputs[2], data['mean'], data['std'])
 
     (dp, dm), (pp, pm) = measure(model), measure(small)

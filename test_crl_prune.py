@@ -780,3 +780,94 @@ def test_script_runs_resnet18_from_the_command_line(tmp_path, tiny):
     assert 'prune epoch 1' in r.stdout and 'lam macs=' in r.stdout
     saved = json.loads((out / 'results.json').read_text())
     assert saved['budget_met'] and saved['pruned']['macs'] <= 0.4 * saved['dense']['macs']
+
+
+# --- what a run leaves to look at and to take away: metrics.csv, TensorBoard ------------------------------------------
+
+@pytest.fixture(scope='module')
+def logged_run(tmp_path_factory):
+    """One tiny run with two constraints: its folder, results and printed lines."""
+    import contextlib
+    import io
+    root = tmp_path_factory.mktemp('logged')
+    data, out, printed = write_image_folder(root / 'data'), root / 'out', io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results = crl.main([*TINY, '--data', data, '--out', str(out), '--budget', 'params=0.3,macs=0.5'])
+    return out, results, printed.getvalue().splitlines()
+
+
+def test_metrics_csv_has_a_row_per_printed_line_and_the_test_accuracies(logged_run):
+    import csv
+    out, results, printed = logged_run
+    with open(out / 'metrics.csv', newline='') as f:
+        reader = csv.DictReader(f)
+        rows, columns = list(reader), reader.fieldnames
+    assert columns == ['phase', 'epoch', 'step', 'images', 'loss', 'accuracy', 'images_per_s', 'eta_s',
+                       'cost_params', 'cost_macs', 'lambda_params', 'lambda_macs', 'keep_mean', 'keep_below_0.1',
+                       'keep_above_0.9', 'test_accuracy']
+    progress = [line for line in printed if line.split(' epoch ')[0] in ('dense', 'prune', 'finetune')]
+    logged = [r for r in rows if not r['test_accuracy']]
+    assert len(progress) == len(logged) == 9  # 3 steps per phase, --log-every 1
+    for line, row in zip(progress, logged):
+        words = line.split()
+        assert words[0] == row['phase'] and float(words[words.index('loss') + 1]) == pytest.approx(float(row['loss']),
+                                                                                                   abs=5e-4)
+        assert 'eta' in words
+        pruning = row['phase'] == 'prune'
+        for name in ('cost_params', 'lambda_macs', 'keep_mean', 'keep_below_0.1', 'keep_above_0.9'):
+            assert (row[name] != '') == pruning, (name, row)
+        if pruning:
+            assert float(row['cost_params']) == pytest.approx(float(words[words.index('cost') + 1][7:]), abs=5e-4)
+            assert 0 <= float(row['keep_below_0.1']) <= 1 - float(row['keep_above_0.9']) <= 1
+    assert [int(r['images']) for r in logged if r['phase'] == 'dense'] == [12, 24, 36]  # counted from the phase start
+    assert [int(r['step']) for r in logged if r['phase'] == 'finetune'] == [1, 2, 3]
+    assert [r['phase'] for r in rows if r['test_accuracy']] == ['dense', 'prune', 'finetune']
+    tests = {r['phase']: float(r['test_accuracy']) for r in rows if r['test_accuracy']}
+    assert tests == {'dense': results['dense']['accuracy'], 'prune': results['pruned']['accuracy_before_finetune'],
+                     'finetune': results['pruned']['accuracy']}
+    assert float(logged[-1]['eta_s']) == 0 and progress[-1].split()[-1] == '0s'  # nothing left at the phase's end
+
+
+def test_eta_is_the_time_left_at_the_steady_state_rate(monkeypatch, capsys):
+    clock = iter([0, 30, 32, 36])  # start, end of the 2 warm-up steps (15 s each), lines at steps 4 and 8 (1 s each)
+    monkeypatch.setattr(crl.time, 'time', lambda: next(clock))
+    progress = crl.Progress('dense', 4, torch.device('cpu'), warmup=2, total_steps=100)
+    x = torch.zeros(8, 2)
+    for step in range(1, 9):
+        progress.add(torch.tensor(1.0), x, torch.zeros(8, dtype=torch.long))
+        progress.maybe_print(1, step, 100)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith('eta 1m36s') and lines[1].endswith('eta 1m32s')  # 92 steps left at 1 s, not 15 s
+    assert crl.duration(45) == '45s' and crl.duration(83) == '1m23s' and crl.duration(7500) == '2h05m'
+
+
+def test_tensorboard_without_the_package_is_one_line_before_any_work(tmp_path, tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # import fails as if tensorboard were absent
+    with pytest.raises(SystemExit) as e:
+        crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / 'out'), '--tensorboard'])
+    assert 'needs the tensorboard package' in str(e.value.code) and '\n' not in str(e.value.code)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_tensorboard_events_hold_the_metrics(tmp_path, tiny):
+    pytest.importorskip('tensorboard', reason='the tensorboard package is not installed')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / 'out'
+    r = crl.main([*TINY, '--data', tiny, '--out', str(out), '--tensorboard'])
+    events = EventAccumulator(str(out / 'tensorboard'))
+    events.Reload()
+    tags = set(events.Tags()['scalars'])
+    assert {'prune/cost_params', 'prune/lambda_params', 'prune/keep_mean', 'dense/loss'} <= tags
+    assert [e.value for e in events.Scalars('finetune/test_accuracy')] == [pytest.approx(r['pruned']['accuracy'])]
+    assert [e.step for e in events.Scalars('prune/loss')] == [1, 2, 3]
+
+
+@pytest.mark.parametrize('saved', ['metrics.csv', 'tensorboard'])
+def test_logs_and_exports_of_an_earlier_run_are_not_overwritten(tmp_path, tiny, saved):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / saved).write_text('precious')
+    with pytest.raises(SystemExit, match='--overwrite'):
+        crl.main([*TINY, '--data', tiny, '--out', str(out)])
+    assert (out / saved).read_text() == 'precious'
