@@ -1201,7 +1201,7 @@ def main(argv=None):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out} is a file; choose a directory")
     outputs = [os.path.join(args.out, f) for f in ('results.json', 'dense.pt', 'pruned.pt')]
-    written = outputs + [os.path.join(args.out, f) for f in ('metrics.csv', 'tensorboard')]
+    written = outputs + [os.path.join(args.out, f) for f in ('metrics.csv', 'policy.pt', 'tensorboard')]
     if not args.overwrite and any(os.path.exists(f) for f in written):
         fail(f"--out {args.out} already holds results; pass --overwrite to replace them or choose another --out")
     classes = image_folder_splits(args.data)[2] if args.data else {'cifar10': 10, 'cifar100': 100}[args.dataset]
@@ -1251,6 +1251,8 @@ def main(argv=None):
     t0 = time.time()
     speed['prune'], lam = prune(model, policy, costs, budget, data, args, metrics)
     times['prune'] = time.time() - t0
+    torch.save({'theta': dict(zip(model.group_names, policy.split(policy.theta.detach().cpu())))},
+               os.path.join(args.out, 'policy.pt'))  # the final keep-probabilities are sigmoid(theta)
 
     # 3. the final mask (for a latency budget: checked by timing the compact network), compacted, then fine-tuned
     if 'latency' in costs:

@@ -782,7 +782,7 @@ def test_script_runs_resnet18_from_the_command_line(tmp_path, tiny):
     assert saved['budget_met'] and saved['pruned']['macs'] <= 0.4 * saved['dense']['macs']
 
 
-# --- what a run leaves to look at and to take away: metrics.csv, TensorBoard ------------------------------------------
+# --- what a run leaves to look at and to take away: metrics.csv, TensorBoard, policy.pt -------------------------------
 
 @pytest.fixture(scope='module')
 def logged_run(tmp_path_factory):
@@ -863,7 +863,16 @@ def test_tensorboard_events_hold_the_metrics(tmp_path, tiny):
     assert [e.step for e in events.Scalars('prune/loss')] == [1, 2, 3]
 
 
-@pytest.mark.parametrize('saved', ['metrics.csv', 'tensorboard'])
+def test_run_saves_the_final_keep_probabilities(logged_run):
+    out, results, _ = logged_run
+    theta = torch.load(out / 'policy.pt', weights_only=True)['theta']
+    assert list(theta) == list(results['dense_channels'])
+    assert [len(t) for t in theta.values()] == list(results['dense_channels'].values())
+    assert torch.sigmoid(torch.cat(list(theta.values()))).mean().item() == pytest.approx(
+        results['keep_probability_mean'])
+
+
+@pytest.mark.parametrize('saved', ['metrics.csv', 'policy.pt', 'tensorboard'])
 def test_logs_and_exports_of_an_earlier_run_are_not_overwritten(tmp_path, tiny, saved):
     out = tmp_path / 'out'
     out.mkdir()
