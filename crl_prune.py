@@ -31,6 +31,7 @@ import copy
 import csv
 import functools
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -647,6 +648,39 @@ def load_pruned(path, device='cpu'):
     return model.eval()
 
 
+def onnx_available():
+    """torch's ONNX exporter needs the onnxscript package (which brings onnx)."""
+    return all(importlib.util.find_spec(m) is not None for m in ('onnx', 'onnxscript'))
+
+
+def export_pruned(path, out_path):
+    """Export the network of a checkpoint saved by this script (pruned.pt or dense.pt) for deployment without this
+    file: ONNX if out_path ends in .onnx (needs onnxscript), else a torch.export program (.pt2, opened with
+    torch.export.load(out_path).module()). Input: float32 (N, 3, 32, 32) RGB images, pixel values in [0, 1]
+    normalised as (x - mean) / std per channel, any batch size N; output: (N, classes) logits. That normalisation is
+    stated in the ONNX file's metadata_props (lists as JSON text), or in a JSON file next to the .pt2 (same name,
+    .json). Returns the metadata."""
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    model = load_pruned(path)
+    meta = {'arch': ckpt['arch'], 'widths': ckpt['widths'], 'classes': ckpt['num_classes'],
+            'mean': ckpt['mean'], 'std': ckpt['std'], 'input_layout': 'NCHW', 'input_shape': ['N', 3, 32, 32],
+            'input': 'float32 RGB images, pixel values in [0, 1], normalised as (x - mean) / std per channel',
+            'output': 'logits, (N, classes)'}
+    example, batch = (torch.randn(2, 3, 32, 32),), ({0: torch.export.Dim('batch', min=1, max=65536)},)
+    if out_path.endswith('.onnx'):
+        import onnx
+        program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=batch, input_names=['input'],
+                                    output_names=['logits'], verbose=False)
+        proto = program.model_proto
+        onnx.helper.set_model_props(proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+        onnx.save(proto, out_path)
+    else:
+        torch.export.save(torch.export.export(model, example, dynamic_shapes=batch), out_path)
+        with open(os.path.splitext(out_path)[0] + '.json', 'w') as f:
+            json.dump(meta, f, indent=1)
+    return meta
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 8. Data and training loops
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1034,6 +1068,8 @@ def parse_args(argv):
     p.add_argument('--log-every', type=int, default=100, help='steps between progress lines')
     p.add_argument('--tensorboard', action='store_true', help='also write the scalars of metrics.csv as TensorBoard '
                    'events into OUT/tensorboard (needs the tensorboard package)')
+    p.add_argument('--export', action='store_true', help='also export the pruned network: pruned.onnx where '
+                   'onnxscript is installed, else pruned.pt2 (torch.export) with pruned.json')
     p.add_argument('--out', help='output directory (default: runs/ARCH-BUDGET)')
     p.add_argument('--overwrite', action='store_true', help='replace the results already in --out')
     args = p.parse_args(argv)
@@ -1201,7 +1237,8 @@ def main(argv=None):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out} is a file; choose a directory")
     outputs = [os.path.join(args.out, f) for f in ('results.json', 'dense.pt', 'pruned.pt')]
-    written = outputs + [os.path.join(args.out, f) for f in ('metrics.csv', 'policy.pt', 'tensorboard')]
+    written = outputs + [os.path.join(args.out, f) for f in ('metrics.csv', 'policy.pt', 'tensorboard', 'pruned.onnx',
+                                                             'pruned.pt2', 'pruned.json')]
     if not args.overwrite and any(os.path.exists(f) for f in written):
         fail(f"--out {args.out} already holds results; pass --overwrite to replace them or choose another --out")
     classes = image_folder_splits(args.data)[2] if args.data else {'cifar10': 10, 'cifar100': 100}[args.dataset]
@@ -1275,6 +1312,10 @@ def main(argv=None):
     metrics.test_accuracy('finetune', pruned_acc)
     metrics.close()
     save_model(small, outputs[2], data['mean'], data['std'])
+    if args.export:
+        exported = os.path.join(args.out, 'pruned.onnx' if onnx_available() else 'pruned.pt2')
+        export_pruned(outputs[2], exported)
+        print(f"exported the pruned network to {exported}")
 
     (dp, dm), (pp, pm) = measure(model), measure(small)
     fractions = {'params': pp / dp, 'macs': pm / dm}  # counted on the compact network itself

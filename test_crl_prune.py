@@ -782,17 +782,17 @@ def test_script_runs_resnet18_from_the_command_line(tmp_path, tiny):
     assert saved['budget_met'] and saved['pruned']['macs'] <= 0.4 * saved['dense']['macs']
 
 
-# --- what a run leaves to look at and to take away: metrics.csv, TensorBoard, policy.pt -------------------------------
+# --- what a run leaves to look at and to take away: metrics.csv, TensorBoard, policy.pt, export -----------------------
 
 @pytest.fixture(scope='module')
 def logged_run(tmp_path_factory):
-    """One tiny run with two constraints: its folder, results and printed lines."""
+    """One tiny run with two constraints and --export: its folder, results and printed lines."""
     import contextlib
     import io
     root = tmp_path_factory.mktemp('logged')
     data, out, printed = write_image_folder(root / 'data'), root / 'out', io.StringIO()
     with contextlib.redirect_stdout(printed):
-        results = crl.main([*TINY, '--data', data, '--out', str(out), '--budget', 'params=0.3,macs=0.5'])
+        results = crl.main([*TINY, '--data', data, '--out', str(out), '--budget', 'params=0.3,macs=0.5', '--export'])
     return out, results, printed.getvalue().splitlines()
 
 
@@ -872,11 +872,61 @@ def test_run_saves_the_final_keep_probabilities(logged_run):
         results['keep_probability_mean'])
 
 
-@pytest.mark.parametrize('saved', ['metrics.csv', 'policy.pt', 'tensorboard'])
+@pytest.mark.parametrize('arch', ['vgg11', 'resnet18'])
+def test_exported_program_gives_load_pruneds_outputs(tmp_path, arch):
+    policy = crl.Policy(crl.dense_widths(arch, 0.125), 0.5)
+    model = randomise_bn(crl.build(arch, crl.dense_widths(arch, 0.125), 10))
+    small = crl.compact(model, policy.split(random_mask(policy)))
+    crl.save_model(small, tmp_path / 'pruned.pt', torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3]))
+    crl.export_pruned(str(tmp_path / 'pruned.pt'), str(tmp_path / 'pruned.pt2'))
+    exported = torch.export.load(str(tmp_path / 'pruned.pt2')).module()
+    reference = crl.load_pruned(tmp_path / 'pruned.pt')
+    with torch.no_grad():
+        for batch in (1, 5):  # any batch size, not only the example's
+            x = torch.randn(batch, 3, 32, 32)
+            assert torch.allclose(exported(x), reference(x), atol=1e-5)
+    meta = json.loads((tmp_path / 'pruned.json').read_text())
+    assert meta['mean'] == pytest.approx([0.4, 0.5, 0.6]) and meta['std'] == pytest.approx([0.2, 0.25, 0.3])
+    assert meta['input_layout'] == 'NCHW' and meta['classes'] == 10 and meta['widths'] == small.widths
+
+
+def test_onnx_export_gives_load_pruneds_outputs(tmp_path):
+    for module in ('onnx', 'onnxscript', 'onnxruntime'):
+        pytest.importorskip(module, reason=f'{module} is not installed: the ONNX export is not tested here')
+    import onnx
+    import onnxruntime
+    policy = crl.Policy(crl.dense_widths('vgg11', 0.125), 0.5)
+    model = randomise_bn(crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 10))
+    crl.save_model(crl.compact(model, policy.split(random_mask(policy))), tmp_path / 'pruned.pt',
+                   torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3]))
+    crl.export_pruned(str(tmp_path / 'pruned.pt'), str(tmp_path / 'pruned.onnx'))
+    session = onnxruntime.InferenceSession(str(tmp_path / 'pruned.onnx'))
+    reference = crl.load_pruned(tmp_path / 'pruned.pt')
+    with torch.no_grad():
+        for batch in (1, 5):
+            x = torch.randn(batch, 3, 32, 32)
+            (out,) = session.run(None, {'input': x.numpy()})
+            assert torch.allclose(torch.from_numpy(out), reference(x), atol=1e-4)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / 'pruned.onnx')).metadata_props}
+    assert json.loads(meta['std']) == pytest.approx([0.2, 0.25, 0.3]) and meta['input_layout'] == 'NCHW'
+
+
+def test_run_with_export_writes_the_deployable_network(logged_run):
+    out, results, printed = logged_run
+    name = 'pruned.onnx' if crl.onnx_available() else 'pruned.pt2'
+    assert (out / name).stat().st_size > 0 and f"exported the pruned network to {out / name}" in printed
+    if name == 'pruned.pt2':
+        exported = torch.export.load(str(out / name)).module()
+        x = torch.randn(3, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.allclose(exported(x), crl.load_pruned(out / 'pruned.pt')(x), atol=1e-5)
+
+
+@pytest.mark.parametrize('saved', ['metrics.csv', 'policy.pt', 'pruned.pt2', 'pruned.onnx', 'tensorboard'])
 def test_logs_and_exports_of_an_earlier_run_are_not_overwritten(tmp_path, tiny, saved):
     out = tmp_path / 'out'
     out.mkdir()
     (out / saved).write_text('precious')
     with pytest.raises(SystemExit, match='--overwrite'):
-        crl.main([*TINY, '--data', tiny, '--out', str(out)])
+        crl.main([*TINY, '--data', tiny, '--out', str(out), '--export'])
     assert (out / saved).read_text() == 'precious'
