@@ -782,7 +782,7 @@ def test_script_runs_resnet18_from_the_command_line(tmp_path, tiny):
     assert saved['budget_met'] and saved['pruned']['macs'] <= 0.4 * saved['dense']['macs']
 
 
-# --- what a run leaves to look at and to take away: metrics.csv, TensorBoard, policy.pt, export -----------------------
+# --- what a run leaves to look at and to take away: metrics.csv, TensorBoard, policy.pt, export, plots ----------------
 
 @pytest.fixture(scope='module')
 def logged_run(tmp_path_factory):
@@ -930,3 +930,42 @@ def test_logs_and_exports_of_an_earlier_run_are_not_overwritten(tmp_path, tiny, 
     with pytest.raises(SystemExit, match='--overwrite'):
         crl.main([*TINY, '--data', tiny, '--out', str(out), '--export'])
     assert (out / saved).read_text() == 'precious'
+
+
+PNG = b'\x89PNG\r\n\x1a\n'
+
+
+def test_plot_script_draws_every_figure(logged_run, tmp_path):
+    pytest.importorskip('matplotlib', reason='matplotlib is not installed (pip install -r bench/requirements.txt)')
+    out, _, _ = logged_run
+    compare = os.path.join(HERE, 'bench', 'results', 'cpu_vgg16_w0.25.json')
+    command = [sys.executable, os.path.join(HERE, 'bench', 'plot.py'), str(out), '--compare', compare,
+               '--out', str(tmp_path / 'figures')]
+    r = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 0, r.stderr
+    figures = {'dual.png', 'channels.png', 'keep.png', 'compare.png'}
+    assert set(os.listdir(tmp_path / 'figures')) == figures
+    for name in figures:
+        data = (tmp_path / 'figures' / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000, name
+    again = subprocess.run(command, capture_output=True, text=True, cwd=HERE)  # figures are not silently replaced
+    assert again.returncode != 0 and 'pass --overwrite' in again.stderr and again.stderr.count('\n') == 1
+
+
+def test_plot_script_reads_every_compare_format(tmp_path):
+    pytest.importorskip('matplotlib', reason='matplotlib is not installed (pip install -r bench/requirements.txt)')
+    sys.path.insert(0, os.path.join(HERE, 'bench'))
+    try:
+        import plot
+    finally:
+        sys.path.remove(os.path.join(HERE, 'bench'))
+    results = json.loads(open(os.path.join(HERE, 'bench', 'results', 'cpu_vgg16_w0.25.json')).read())
+    formats = {'rows.json': results['rows'], 'summary.json': {k: results[k] for k in ('dense', 'args', 'table')}}
+    for name, content in formats.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        assert plot.main(['--compare', str(tmp_path / name), '--out', str(tmp_path / name[:-5])]) == ['compare.png']
+        assert (tmp_path / name[:-5] / 'compare.png').read_bytes().startswith(PNG)
+    (tmp_path / 'other.json').write_text(json.dumps({'rows': [{'variant': 'x'}]}))
+    with pytest.raises(SystemExit, match='not bench/compare.py results'):
+        plot.main(['--compare', str(tmp_path / 'other.json'), '--out', str(tmp_path / 'none')])
+    assert not (tmp_path / 'none').exists()
