@@ -1312,10 +1312,6 @@ def main(argv=None):
     metrics.test_accuracy('finetune', pruned_acc)
     metrics.close()
     save_model(small, outputs[2], data['mean'], data['std'])
-    if args.export:
-        exported = os.path.join(args.out, 'pruned.onnx' if onnx_available() else 'pruned.pt2')
-        export_pruned(outputs[2], exported)
-        print(f"exported the pruned network to {exported}")
 
     (dp, dm), (pp, pm) = measure(model), measure(small)
     fractions = {'params': pp / dp, 'macs': pm / dm}  # counted on the compact network itself
@@ -1360,6 +1356,14 @@ def main(argv=None):
     print(f"dense  {dp:,} params {dm:,} MACs accuracy {dense_acc:.4f}\n"
           f"pruned {pp:,} params ({fractions['params']:.3f}) {pm:,} MACs ({fractions['macs']:.3f}) "
           f"accuracy {pruned_acc:.4f}; budget met: {results['budget_met']}; results in {args.out}")
+    if args.export:  # last: an export that fails leaves every result of the run saved
+        exported = os.path.join(args.out, 'pruned.onnx' if onnx_available() else 'pruned.pt2')
+        try:
+            export_pruned(outputs[2], exported)
+        except Exception as e:
+            fail(f"--export to {exported} failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}); "
+                 f"the run's results are saved in {args.out}")
+        print(f"exported the pruned network to {exported}")
     return results
 
 

@@ -922,6 +922,17 @@ def test_run_with_export_writes_the_deployable_network(logged_run):
             assert torch.allclose(exported(x), crl.load_pruned(out / 'pruned.pt')(x), atol=1e-5)
 
 
+def test_failed_export_is_one_line_and_keeps_the_results(tmp_path, tiny, monkeypatch):
+    def broken(path, out_path):
+        raise RuntimeError('unsupported operator\nmore detail')
+    monkeypatch.setattr(crl, 'export_pruned', broken)
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as e:
+        crl.main([*TINY, '--data', tiny, '--out', str(out), '--export'])
+    assert 'unsupported operator' in str(e.value.code) and '\n' not in str(e.value.code)
+    assert json.loads((out / 'results.json').read_text())['budget_met'] and (out / 'pruned.pt').exists()
+
+
 @pytest.mark.parametrize('saved', ['metrics.csv', 'policy.pt', 'pruned.pt2', 'pruned.onnx', 'tensorboard'])
 def test_logs_and_exports_of_an_earlier_run_are_not_overwritten(tmp_path, tiny, saved):
     out = tmp_path / 'out'
