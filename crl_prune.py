@@ -28,7 +28,10 @@ Sections, in pipeline order:
 """
 import argparse
 import copy
+import csv
 import functools
+import glob
+import importlib.util
 import json
 import math
 import os
@@ -639,6 +642,7 @@ def compact(model, masks):
 
 def save_atomic(obj, path):
     """torch.save under a temporary name, then a rename: a kill during the save leaves the previous file whole."""
+    path = os.fspath(path)
     torch.save(obj, path + '.tmp')
     os.replace(path + '.tmp', path)
 
@@ -656,6 +660,39 @@ def load_pruned(path, device='cpu'):
     model = build(ckpt['arch'], ckpt['widths'], ckpt['num_classes']).to(device)
     model.load_state_dict(ckpt['state_dict'])
     return model.eval()
+
+
+def onnx_available():
+    """torch's ONNX exporter needs the onnxscript package (which brings onnx)."""
+    return all(importlib.util.find_spec(m) is not None for m in ('onnx', 'onnxscript'))
+
+
+def export_pruned(path, out_path):
+    """Export the network of a checkpoint saved by this script (pruned.pt or dense.pt) for deployment without this
+    file: ONNX if out_path ends in .onnx (needs onnxscript), else a torch.export program (.pt2, opened with
+    torch.export.load(out_path).module()). Input: float32 (N, 3, 32, 32) RGB images, pixel values in [0, 1]
+    normalised as (x - mean) / std per channel, any batch size N; output: (N, classes) logits. That normalisation is
+    stated in the ONNX file's metadata_props (lists as JSON text), or in a JSON file next to the .pt2 (same name,
+    .json). Returns the metadata."""
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    model = load_pruned(path)
+    meta = {'arch': ckpt['arch'], 'widths': ckpt['widths'], 'classes': ckpt['num_classes'],
+            'mean': ckpt['mean'], 'std': ckpt['std'], 'input_layout': 'NCHW', 'input_shape': ['N', 3, 32, 32],
+            'input': 'float32 RGB images, pixel values in [0, 1], normalised as (x - mean) / std per channel',
+            'output': 'logits, (N, classes)'}
+    example, batch = (torch.randn(2, 3, 32, 32),), ({0: torch.export.Dim('batch', min=1, max=65536)},)
+    if out_path.endswith('.onnx'):
+        import onnx
+        program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=batch, input_names=['input'],
+                                    output_names=['logits'], verbose=False)
+        proto = program.model_proto
+        onnx.helper.set_model_props(proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+        onnx.save(proto, out_path)
+    else:
+        torch.export.save(torch.export.export(model, example, dynamic_shapes=batch), out_path)
+        with open(os.path.splitext(out_path)[0] + '.json', 'w') as f:
+            json.dump(meta, f, indent=1)
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -826,13 +863,70 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+class Metrics:
+    """metrics.csv in the run folder: one row per printed progress line (`log`) and one per phase with its test
+    accuracy (`test_accuracy`), in columns fixed at the start (the constraints are known then), empty cells where a
+    column does not apply. With `tensorboard`, the same scalars also go to TensorBoard events in DIR/tensorboard,
+    tagged phase/column, over the steps of the phase."""
+
+    def __init__(self, out, constraints, tensorboard=False, resume_after=None):
+        self.columns = ['phase', 'epoch', 'step', 'images', 'loss', 'accuracy', 'images_per_s', 'eta_s',
+                        *(f'cost_{n}' for n in constraints), *(f'lambda_{n}' for n in constraints),
+                        'keep_mean', 'keep_below_0.1', 'keep_above_0.9', 'test_accuracy']
+        path, kept = os.path.join(out, 'metrics.csv'), []
+        if resume_after and os.path.exists(path):  # (phase, epoch) of the checkpoint: the rows up to it stay
+            with open(path, newline='') as f:
+                at = lambda r: (PHASES.index(r['phase']), int(r['epoch']))  # noqa: E731
+                limit = (PHASES.index(resume_after[0]), resume_after[1])
+                kept = [r for r in csv.DictReader(f) if at(r) < limit or at(r) == limit and not r['test_accuracy']]
+        self.file = open(path, 'w', newline='')
+        self.csv = csv.DictWriter(self.file, self.columns, restval='')  # an unknown column raises: a bug
+        self.csv.writeheader()
+        self.csv.writerows(kept)
+        self.last = {r['phase']: {'epoch': int(r['epoch']), 'step': int(r['step']), 'images': int(r['images'])}
+                     for r in kept}  # phase -> its last row's epoch, step and images: where its test accuracy goes
+        self.tensorboard = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            for old in glob.glob(os.path.join(out, 'tensorboard', 'events.out.tfevents.*')) * (not resume_after):
+                os.remove(old)  # --overwrite: the curves of the run replaced would mix with these
+            self.tensorboard = SummaryWriter(os.path.join(out, 'tensorboard'))
+
+    def log(self, phase, epoch, step, images, **values):
+        """One row: `step` and `images` count from the start of the phase; values: column -> number."""
+        self.last[phase] = {'epoch': epoch, 'step': step, 'images': images}
+        self.csv.writerow({'phase': phase, 'epoch': epoch, 'step': step, 'images': images, **values})
+        self.file.flush()  # a run stopped half-way keeps its rows
+        if self.tensorboard:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(f'{phase}/{name}', value, step)
+            self.tensorboard.flush()
+
+    def test_accuracy(self, phase, accuracy):
+        """The test accuracy after `phase`, placed at its last step (0 for a phase that ran none)."""
+        self.log(phase, **self.last.get(phase, {'epoch': 0, 'step': 0, 'images': 0}), test_accuracy=accuracy)
+
+    def close(self):
+        self.file.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+def duration(seconds):
+    """'45s', '1m23s' or '2h05m'."""
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class Progress:
     """Sums of loss, correct predictions (and costs) kept as one device tensor, so that a step never waits for the
-    device; one line is printed every `every` steps and at the end of each epoch. Throughput is steady-state: timed
-    from the end of the first `warmup` steps, whose extra time (compilation, cuDNN autotuning) is reported apart."""
+    device; one line is printed every `every` steps and at the end of each epoch, and is also a row of `metrics`.
+    Throughput and the estimate of the time left in the phase (of `total_steps`) are steady-state: timed from the end
+    of the first `warmup` steps, whose extra time (compilation, cuDNN autotuning) is reported apart."""
 
-    def __init__(self, phase, every, device, n_costs=0, warmup=5):
+    def __init__(self, phase, every, device, n_costs=0, warmup=5, total_steps=0, metrics=None):
         self.phase, self.every, self.device, self.warmup = phase, every, device, warmup
+        self.total_steps, self.metrics = total_steps, metrics
         self.sums = torch.zeros(2 + n_costs, device=device, dtype=torch.float64)
         self.images = self.seen = self.steps = 0
         self.start = self.tick = time.time()
@@ -848,17 +942,28 @@ class Progress:
             sync(self.device)
             self.warm = (time.time(), self.images)
 
+    def eta(self, now, left):
+        """Seconds that `left` more steps take at the steady-state rate (before the warm-up ends: the rate so far)."""
+        t, done = (self.warm[0], self.warmup) if self.warm and self.steps > self.warmup else (self.start, 0)
+        return left * (now - t) / max(self.steps - done, 1)
+
     def maybe_print(self, epoch, step, steps, describe=None):
-        """describe: mean costs -> the end of the line, called only when a line is printed."""
+        """describe: mean costs -> (the end of the line, {metrics column: value}), called only when a line is
+        printed."""
         if step % self.every and step != steps:
             return
         s, n, now = self.sums.tolist(), self.images - self.seen, time.time()
         if not all(map(math.isfinite, s)):  # checked where the sums reach the host anyway: no extra sync
             fail(f"{self.phase} epoch {epoch} step {step}: the loss or a cost became {s[0] / n} (NaN or inf); "
                  f"training diverged, most likely a learning rate too high for this network (--lr, --prune-lr)")
-        line = (f"{self.phase} epoch {epoch} step {step}/{steps} loss {s[0] / n:.3f} acc {s[1] / n:.3f} "
-                f"img/s {n / (now - self.tick):.0f}")
-        print(line if describe is None else f"{line} {describe([v / n for v in s[2:]])}", flush=True)
+        done = (epoch - 1) * steps + step  # steps of the phase so far, counted from its start even after a resume
+        rate, eta = n / (now - self.tick), self.eta(now, self.total_steps - done)
+        text, values = describe([v / n for v in s[2:]]) if describe else ('', {})
+        print(f"{self.phase} epoch {epoch} step {step}/{steps} loss {s[0] / n:.3f} acc {s[1] / n:.3f} img/s "
+              f"{rate:.0f} eta {duration(eta)} {text}".rstrip(), flush=True)
+        if self.metrics:
+            self.metrics.log(self.phase, epoch, done, round(done * self.images / self.steps), loss=s[0] / n,
+                             accuracy=s[1] / n, images_per_s=round(rate, 1), eta_s=round(eta, 1), **values)
         self.sums.zero_()
         self.tick, self.seen = now, self.images
 
@@ -951,7 +1056,7 @@ class Checkpoint:
         return f"{self.path} holds the state at the end of {self.saved[0]} epoch {self.saved[1]}"
 
 
-def train(model, data, epochs, lr, args, phase, checkpoint=None, **keep):
+def train(model, data, epochs, lr, args, phase, checkpoint=None, metrics=None, **keep):
     """Supervised training of a whole network (the dense one, then the compact one). `keep`: more objects for the
     checkpoints of this phase (the policy and multipliers, while fine-tuning)."""
     device = data['train'][0].device
@@ -960,7 +1065,7 @@ def train(model, data, epochs, lr, args, phase, checkpoint=None, **keep):
     checkpoint = checkpoint or Checkpoint()
     start = checkpoint.restore(phase, model=model, opt=opt, sched=sched, **keep)
     net = torch.compile(model) if args.compile else model
-    progress = Progress(phase, args.log_every, device)
+    progress = Progress(phase, args.log_every, device, total_steps=epochs * per_epoch, metrics=metrics)
     model.train()
     for epoch in range(start, epochs + 1):
         for step, (x, y) in enumerate(batches(data, 'train', args.batch_size, train=True), 1):
@@ -977,7 +1082,7 @@ def train(model, data, epochs, lr, args, phase, checkpoint=None, **keep):
     return progress.speed()
 
 
-def prune(model, policy, costs, budget, data, args, checkpoint=None):
+def prune(model, policy, costs, budget, data, args, checkpoint=None, metrics=None):
     """The CRL pruning phase: policy gradient on theta, dual ascent on lambda and SGD on the weights, every step.
     A pruning epoch processes as many images as a dense epoch: batch_size / K distinct images per step, each seen
     under all K masks."""
@@ -992,12 +1097,18 @@ def prune(model, policy, costs, budget, data, args, checkpoint=None):
     start = checkpoint.restore('prune', model=model, policy=policy, opt_w=opt_w, opt_p=opt_p, sched=sched,
                                integral=integral, lam=lam)
     net = torch.compile(model) if args.compile else model
-    progress = Progress('prune', args.log_every, device, len(budget))
+    progress = Progress('prune', args.log_every, device, len(budget), total_steps=args.prune_epochs * per_epoch,
+                        metrics=metrics)
     model.train()
 
-    def describe(mean_cost):  # the expected cost of each constraint next to its multiplier, and the mean keep-prob.
+    def describe(mean_cost):  # the expected cost of each constraint next to its multiplier, and the keep-probs.
+        lams, p = lam.tolist(), torch.sigmoid(policy.theta.detach())
+        keep = torch.stack([p.mean(), (p < 0.1).float().mean(), (p > 0.9).float().mean()]).tolist()
         pairs = lambda values: ' '.join(f"{name}={v:.3f}" for name, v in zip(costs, values))  # noqa: E731
-        return f"cost {pairs(mean_cost)} lam {pairs(lam.tolist())} keep {torch.sigmoid(policy.theta).mean():.3f}"
+        return (f"cost {pairs(mean_cost)} lam {pairs(lams)} keep {keep[0]:.3f}",
+                {**{f'cost_{name}': v for name, v in zip(costs, mean_cost)},
+                 **{f'lambda_{name}': v for name, v in zip(costs, lams)},
+                 'keep_mean': keep[0], 'keep_below_0.1': keep[1], 'keep_above_0.9': keep[2]})
 
     for epoch in range(start, args.prune_epochs + 1):
         for step, (x, y) in zip(range(1, per_epoch + 1), batches(data, 'train', n, train=True)):
@@ -1067,6 +1178,10 @@ def parse_args(argv):
     p.add_argument('--speed', action='store_true', help='also time inference of the dense and the pruned network')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--log-every', type=int, default=100, help='steps between progress lines')
+    p.add_argument('--tensorboard', action='store_true', help='also write the scalars of metrics.csv as TensorBoard '
+                   'events into OUT/tensorboard (needs the tensorboard package)')
+    p.add_argument('--export', action='store_true', help='also export the pruned network: pruned.onnx where '
+                   'onnxscript is installed, else pruned.pt2 (torch.export) with pruned.json')
     p.add_argument('--out', help='output directory (default: runs/ARCH-BUDGET)')
     p.add_argument('--overwrite', action='store_true', help='replace the results already in --out')
     p.add_argument('--resume', action='store_true', help='continue the interrupted run in --out from its checkpoint')
@@ -1099,6 +1214,12 @@ def parse_args(argv):
              f"per mask), so at least 2 x --samples = {2 * args.samples}")
     if not 0 < args.init_keep < 1:
         fail('--init-keep must be in (0, 1)')
+    if args.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            fail('--tensorboard needs the tensorboard package (pip install tensorboard); metrics.csv has the same '
+                 'scalars without it')
     args.out = args.out or os.path.join('runs', f"{args.arch}-{args.budget.replace('=', '').replace(',', '-')}")
     return args
 
@@ -1237,9 +1358,11 @@ def main(argv=None):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out} is a file; choose a directory")
     outputs = [os.path.join(args.out, f) for f in ('results.json', 'dense.pt', 'pruned.pt', 'checkpoint.pt')]
+    written = outputs + [os.path.join(args.out, f) for f in ('metrics.csv', 'policy.pt', 'tensorboard', 'pruned.onnx',
+                                                             'pruned.pt2', 'pruned.json')]
     if args.resume and os.path.exists(outputs[0]):
         fail(f"--resume: the run in {args.out} has finished already (results.json)")
-    if not (args.overwrite or args.resume) and any(os.path.exists(f) for f in outputs):
+    if not (args.overwrite or args.resume) and any(os.path.exists(f) for f in written):
         fail(f"--out {args.out} already holds results" + (' of an unfinished run: pass --resume to continue it,'
              if os.path.exists(outputs[3]) else ';') + " pass --overwrite to replace them or choose another --out")
     checkpoint = Checkpoint(args)
@@ -1285,6 +1408,7 @@ def run(args, device, outputs, checkpoint):
     if data['channels_last']:
         model.to(memory_format=torch.channels_last)
     os.makedirs(args.out, exist_ok=True)
+    metrics = Metrics(args.out, budget_names, args.tensorboard, checkpoint.saved)
     print(f"{args.arch} width {args.width}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(data['train'][1])} train / {len(data['test'][1])} test images, {data['classes']} classes, {device}"
           + (f"; resuming after {checkpoint.saved[0]} epoch {checkpoint.saved[1]}" if checkpoint.saved else ''))
@@ -1294,20 +1418,23 @@ def run(args, device, outputs, checkpoint):
     if not checkpoint.reached('prune'):
         t0 = time.time()
         speed['dense'] = train(model, data, 0 if args.pretrained else args.dense_epochs, args.lr, args, 'dense',
-                               checkpoint)
+                               checkpoint, metrics)
         times['dense'] = time.time() - t0
         if not finite(model):
             fail('dense training diverged: the weights are NaN or inf; lower --lr')
         save_model(model, outputs[1], data['mean'], data['std'])
         report['dense_accuracy'] = evaluate(model, data)
+        metrics.test_accuracy('dense', report['dense_accuracy'])
     print(f"dense accuracy {report['dense_accuracy']:.4f}")
 
     # 2. CRL: learn the keep-probabilities under the budget while the weights adapt
     budget, policy = budget.to(device), policy.to(device)
     if not checkpoint.reached('finetune'):
         t0 = time.time()
-        speed['prune'], lam = prune(model, policy, costs, budget, data, args, checkpoint)
+        speed['prune'], lam = prune(model, policy, costs, budget, data, args, checkpoint, metrics)
         times['prune'] = time.time() - t0
+        save_atomic({'theta': dict(zip(model.group_names, policy.split(policy.theta.detach().cpu())))},
+                    os.path.join(args.out, 'policy.pt'))  # the final keep-probabilities are sigmoid(theta)
 
         # 3. the final mask (for a latency budget: checked by timing the compact network), compacted
         if 'latency' in costs:
@@ -1321,6 +1448,7 @@ def run(args, device, outputs, checkpoint):
             small.to(memory_format=torch.channels_last)
         recalibrate_bn(small, data)
         report['accuracy_before_finetune'], report['widths'] = evaluate(small, data), small.widths
+        metrics.test_accuracy('prune', report['accuracy_before_finetune'])
     else:  # resumed while fine-tuning: the compact network's shape; its weights, policy and multipliers follow
         small = build(args.arch, report['widths'], data['classes']).to(device)
         if data['channels_last']:
@@ -1330,10 +1458,12 @@ def run(args, device, outputs, checkpoint):
 
     # 4. fine-tuning
     t0 = time.time()
-    speed['finetune'] = train(small, data, args.finetune_epochs, args.lr, args, 'finetune', checkpoint,
+    speed['finetune'] = train(small, data, args.finetune_epochs, args.lr, args, 'finetune', checkpoint, metrics,
                               policy=policy, lam=lam)
     times['finetune'] = time.time() - t0
     pruned_acc = evaluate(small, data)
+    metrics.test_accuracy('finetune', pruned_acc)
+    metrics.close()
     save_model(small, outputs[2], data['mean'], data['std'])
 
     (dp, dm), (pp, pm) = measure(model), measure(small)
@@ -1385,6 +1515,15 @@ def run(args, device, outputs, checkpoint):
     print(f"dense  {dp:,} params {dm:,} MACs accuracy {report['dense_accuracy']:.4f}\n"
           f"pruned {pp:,} params ({fractions['params']:.3f}) {pm:,} MACs ({fractions['macs']:.3f}) "
           f"accuracy {pruned_acc:.4f}; budget met: {results['budget_met']}; results in {args.out}")
+    if args.export:  # last: an export that fails leaves every result of the run saved
+        exported = os.path.join(args.out, 'pruned.onnx' if onnx_available() else 'pruned.pt2')
+        try:
+            export_pruned(outputs[2], exported)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [''])[0][:200]
+            fail(f"--export to {exported} failed ({type(e).__name__}: {first}); the run's results are saved in "
+                 f"{args.out}")
+        print(f"exported the pruned network to {exported}")
     return results
 
 

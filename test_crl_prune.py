@@ -1,4 +1,5 @@
 """Tests of crl_prune.py, on the CPU, on small data the tests make themselves."""
+import csv
 import json
 import math
 import os
@@ -835,6 +836,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, tiny, ste
     a, b = (torch.load(os.path.join(d, 'pruned.pt'), weights_only=True)['state_dict'] for d in (tmp_path / 'whole', out))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not os.path.exists(os.path.join(out, 'checkpoint.pt'))  # a finished run leaves its results only
+    timeless = lambda d: [{k: v for k, v in r.items() if k not in ('images_per_s', 'eta_s')}  # noqa: E731
+                          for r in csv.DictReader(open(os.path.join(d, 'metrics.csv')))]
+    assert timeless(out) == timeless(tmp_path / 'whole')  # the log too: every row once, as in one run
     with pytest.raises(SystemExit, match='finished already'):
         crl.main([*argv, '--resume'])
 
@@ -1016,3 +1020,203 @@ def test_bench_refuses_what_it_cannot_run(tmp_path, tiny, compare):
     assert not (tmp_path / 'bench').exists()  # before any training
     with pytest.raises(SystemExit, match='add crl to --methods'):
         compare.main([*argv, '--methods', 'scratch'])
+
+
+# --- what a run leaves to look at and to take away: metrics.csv, TensorBoard, policy.pt, export, plots ----------------
+
+@pytest.fixture(scope='module')
+def logged_run(tmp_path_factory):
+    """One tiny run with two constraints and --export: its folder, results and printed lines."""
+    import contextlib
+    import io
+    root = tmp_path_factory.mktemp('logged')
+    data, out, printed = write_image_folder(root / 'data'), root / 'out', io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results = crl.main([*TINY, '--data', data, '--out', str(out), '--budget', 'params=0.3,macs=0.5', '--export'])
+    return out, results, printed.getvalue().splitlines()
+
+
+def test_metrics_csv_has_a_row_per_printed_line_and_the_test_accuracies(logged_run):
+    import csv
+    out, results, printed = logged_run
+    with open(out / 'metrics.csv', newline='') as f:
+        reader = csv.DictReader(f)
+        rows, columns = list(reader), reader.fieldnames
+    assert columns == ['phase', 'epoch', 'step', 'images', 'loss', 'accuracy', 'images_per_s', 'eta_s',
+                       'cost_params', 'cost_macs', 'lambda_params', 'lambda_macs', 'keep_mean', 'keep_below_0.1',
+                       'keep_above_0.9', 'test_accuracy']
+    progress = [line for line in printed if line.split(' epoch ')[0] in ('dense', 'prune', 'finetune')]
+    logged = [r for r in rows if not r['test_accuracy']]
+    assert len(progress) == len(logged) == 9  # 3 steps per phase, --log-every 1
+    for line, row in zip(progress, logged):
+        words = line.split()
+        assert words[0] == row['phase'] and float(words[words.index('loss') + 1]) == pytest.approx(float(row['loss']),
+                                                                                                   abs=5e-4)
+        assert 'eta' in words
+        pruning = row['phase'] == 'prune'
+        for name in ('cost_params', 'lambda_macs', 'keep_mean', 'keep_below_0.1', 'keep_above_0.9'):
+            assert (row[name] != '') == pruning, (name, row)
+        if pruning:
+            assert float(row['cost_params']) == pytest.approx(float(words[words.index('cost') + 1][7:]), abs=5e-4)
+            assert 0 <= float(row['keep_below_0.1']) <= 1 - float(row['keep_above_0.9']) <= 1
+    assert [int(r['images']) for r in logged if r['phase'] == 'dense'] == [12, 24, 36]  # counted from the phase start
+    assert [int(r['step']) for r in logged if r['phase'] == 'finetune'] == [1, 2, 3]
+    assert [r['phase'] for r in rows if r['test_accuracy']] == ['dense', 'prune', 'finetune']
+    tests = {r['phase']: float(r['test_accuracy']) for r in rows if r['test_accuracy']}
+    assert tests == {'dense': results['dense']['accuracy'], 'prune': results['pruned']['accuracy_before_finetune'],
+                     'finetune': results['pruned']['accuracy']}
+    assert float(logged[-1]['eta_s']) == 0 and progress[-1].split()[-1] == '0s'  # nothing left at the phase's end
+
+
+def test_eta_is_the_time_left_at_the_steady_state_rate(monkeypatch, capsys):
+    clock = iter([0, 30, 32, 36])  # start, end of the 2 warm-up steps (15 s each), lines at steps 4 and 8 (1 s each)
+    monkeypatch.setattr(crl.time, 'time', lambda: next(clock))
+    progress = crl.Progress('dense', 4, torch.device('cpu'), warmup=2, total_steps=100)
+    x = torch.zeros(8, 2)
+    for step in range(1, 9):
+        progress.add(torch.tensor(1.0), x, torch.zeros(8, dtype=torch.long))
+        progress.maybe_print(1, step, 100)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith('eta 1m36s') and lines[1].endswith('eta 1m32s')  # 92 steps left at 1 s, not 15 s
+    assert crl.duration(45) == '45s' and crl.duration(83) == '1m23s' and crl.duration(7500) == '2h05m'
+
+
+def test_tensorboard_without_the_package_is_one_line_before_any_work(tmp_path, tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # import fails as if tensorboard were absent
+    with pytest.raises(SystemExit) as e:
+        crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / 'out'), '--tensorboard'])
+    assert 'needs the tensorboard package' in str(e.value.code) and '\n' not in str(e.value.code)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_tensorboard_events_hold_the_metrics(tmp_path, tiny):
+    pytest.importorskip('tensorboard', reason='the tensorboard package is not installed')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / 'out'
+    r = crl.main([*TINY, '--data', tiny, '--out', str(out), '--tensorboard'])
+    events = EventAccumulator(str(out / 'tensorboard'))
+    events.Reload()
+    tags = set(events.Tags()['scalars'])
+    assert {'prune/cost_params', 'prune/lambda_params', 'prune/keep_mean', 'dense/loss'} <= tags
+    assert [e.value for e in events.Scalars('finetune/test_accuracy')] == [pytest.approx(r['pruned']['accuracy'])]
+    assert [e.step for e in events.Scalars('prune/loss')] == [1, 2, 3]
+
+
+def test_run_saves_the_final_keep_probabilities(logged_run):
+    out, results, _ = logged_run
+    theta = torch.load(out / 'policy.pt', weights_only=True)['theta']
+    assert list(theta) == list(results['dense_channels'])
+    assert [len(t) for t in theta.values()] == list(results['dense_channels'].values())
+    assert torch.sigmoid(torch.cat(list(theta.values()))).mean().item() == pytest.approx(
+        results['keep_probability_mean'])
+
+
+@pytest.mark.parametrize('arch', ['vgg11', 'resnet18'])
+def test_exported_program_gives_load_pruneds_outputs(tmp_path, arch):
+    policy = crl.Policy(crl.dense_widths(arch, 0.125), 0.5)
+    model = randomise_bn(crl.build(arch, crl.dense_widths(arch, 0.125), 10))
+    small = crl.compact(model, policy.split(random_mask(policy)))
+    crl.save_model(small, tmp_path / 'pruned.pt', torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3]))
+    crl.export_pruned(str(tmp_path / 'pruned.pt'), str(tmp_path / 'pruned.pt2'))
+    exported = torch.export.load(str(tmp_path / 'pruned.pt2')).module()
+    reference = crl.load_pruned(tmp_path / 'pruned.pt')
+    with torch.no_grad():
+        for batch in (1, 5):  # any batch size, not only the example's
+            x = torch.randn(batch, 3, 32, 32)
+            assert torch.allclose(exported(x), reference(x), atol=1e-5)
+    meta = json.loads((tmp_path / 'pruned.json').read_text())
+    assert meta['mean'] == pytest.approx([0.4, 0.5, 0.6]) and meta['std'] == pytest.approx([0.2, 0.25, 0.3])
+    assert meta['input_layout'] == 'NCHW' and meta['classes'] == 10 and meta['widths'] == small.widths
+
+
+def test_onnx_export_gives_load_pruneds_outputs(tmp_path):
+    for module in ('onnx', 'onnxscript', 'onnxruntime'):
+        pytest.importorskip(module, reason=f'{module} is not installed: the ONNX export is not tested here')
+    import onnx
+    import onnxruntime
+    policy = crl.Policy(crl.dense_widths('vgg11', 0.125), 0.5)
+    model = randomise_bn(crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 10))
+    crl.save_model(crl.compact(model, policy.split(random_mask(policy))), tmp_path / 'pruned.pt',
+                   torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3]))
+    crl.export_pruned(str(tmp_path / 'pruned.pt'), str(tmp_path / 'pruned.onnx'))
+    session = onnxruntime.InferenceSession(str(tmp_path / 'pruned.onnx'))
+    reference = crl.load_pruned(tmp_path / 'pruned.pt')
+    with torch.no_grad():
+        for batch in (1, 5):
+            x = torch.randn(batch, 3, 32, 32)
+            (out,) = session.run(None, {'input': x.numpy()})
+            assert torch.allclose(torch.from_numpy(out), reference(x), atol=1e-4)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / 'pruned.onnx')).metadata_props}
+    assert json.loads(meta['std']) == pytest.approx([0.2, 0.25, 0.3]) and meta['input_layout'] == 'NCHW'
+
+
+def test_run_with_export_writes_the_deployable_network(logged_run):
+    out, results, printed = logged_run
+    name = 'pruned.onnx' if crl.onnx_available() else 'pruned.pt2'
+    assert (out / name).stat().st_size > 0 and f"exported the pruned network to {out / name}" in printed
+    if name == 'pruned.pt2':
+        exported = torch.export.load(str(out / name)).module()
+        x = torch.randn(3, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.allclose(exported(x), crl.load_pruned(out / 'pruned.pt')(x), atol=1e-5)
+
+
+def test_failed_export_is_one_line_and_keeps_the_results(tmp_path, tiny, monkeypatch):
+    def broken(path, out_path):
+        raise RuntimeError('unsupported operator\nmore detail')
+    monkeypatch.setattr(crl, 'export_pruned', broken)
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as e:
+        crl.main([*TINY, '--data', tiny, '--out', str(out), '--export'])
+    assert 'unsupported operator' in str(e.value.code) and '\n' not in str(e.value.code)
+    assert json.loads((out / 'results.json').read_text())['budget_met'] and (out / 'pruned.pt').exists()
+
+
+@pytest.mark.parametrize('saved', ['metrics.csv', 'policy.pt', 'pruned.pt2', 'pruned.onnx', 'tensorboard'])
+def test_logs_and_exports_of_an_earlier_run_are_not_overwritten(tmp_path, tiny, saved):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / saved).write_text('precious')
+    with pytest.raises(SystemExit, match='--overwrite'):
+        crl.main([*TINY, '--data', tiny, '--out', str(out), '--export'])
+    assert (out / saved).read_text() == 'precious'
+
+
+PNG = b'\x89PNG\r\n\x1a\n'
+
+
+def test_plot_script_draws_every_figure(logged_run, tmp_path):
+    pytest.importorskip('matplotlib', reason='matplotlib is not installed (pip install -r bench/requirements.txt)')
+    out, _, _ = logged_run
+    compare = os.path.join(HERE, 'bench', 'results', 'cpu_vgg16_w0.25.json')
+    command = [sys.executable, os.path.join(HERE, 'bench', 'plot.py'), str(out), '--compare', compare,
+               '--out', str(tmp_path / 'figures')]
+    r = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 0, r.stderr
+    figures = {'dual.png', 'channels.png', 'keep.png', 'compare.png'}
+    assert set(os.listdir(tmp_path / 'figures')) == figures
+    for name in figures:
+        data = (tmp_path / 'figures' / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000, name
+    again = subprocess.run(command, capture_output=True, text=True, cwd=HERE)  # figures are not silently replaced
+    assert again.returncode != 0 and 'pass --overwrite' in again.stderr and again.stderr.count('\n') == 1
+
+
+def test_plot_script_reads_every_compare_format(tmp_path):
+    pytest.importorskip('matplotlib', reason='matplotlib is not installed (pip install -r bench/requirements.txt)')
+    sys.path.insert(0, os.path.join(HERE, 'bench'))
+    try:
+        import plot
+    finally:
+        sys.path.remove(os.path.join(HERE, 'bench'))
+    results = json.loads(open(os.path.join(HERE, 'bench', 'results', 'cpu_vgg16_w0.25.json')).read())
+    formats = {'rows.json': results['rows'], 'summary.json': {k: results[k] for k in ('dense', 'args', 'table')}}
+    for name, content in formats.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        assert plot.main(['--compare', str(tmp_path / name), '--out', str(tmp_path / name[:-5])]) == ['compare.png']
+        assert (tmp_path / name[:-5] / 'compare.png').read_bytes().startswith(PNG)
+    (tmp_path / 'other.json').write_text(json.dumps({'rows': [{'variant': 'x'}]}))
+    with pytest.raises(SystemExit, match='not bench/compare.py results'):
+        plot.main(['--compare', str(tmp_path / 'other.json'), '--out', str(tmp_path / 'none')])
+    assert not (tmp_path / 'none').exists()

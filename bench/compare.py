@@ -235,9 +235,10 @@ def main(argv=None):
         parameter_budget(budget) if budgeted else crl.parse_budget(budget)
 
     dense_path = args.pretrained or os.path.join(args.out, 'dense', 'dense.pt')
-    if not os.path.exists(dense_path):  # a short CRL run trains and saves the dense checkpoint (dense.pt)
+    if not os.path.exists(dense_path):  # a short CRL run trains and saves the dense checkpoint (--overwrite: a run
+        # stopped before it saved dense.pt left no more than its metrics.csv there)
         crl.main([*common, '--dense-epochs', str(args.dense_epochs), '--prune-epochs', '1', '--finetune-epochs', '0',
-                  '--out', os.path.join(args.out, 'dense')])
+                  '--overwrite', '--out', os.path.join(args.out, 'dense')])
     targs = crl.parse_args([*common, '--pretrained', dense_path])
     device = crl.get_device(args.device, '--device')
     data = crl.load_data(targs, device)

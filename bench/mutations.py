@@ -34,6 +34,7 @@ M = [  # name, text in crl_prune.py, what replaces it
  ('resume forgets the multipliers', "obj.copy_(saved) if isinstance(obj, torch.Tensor) else obj.load_state_dict(saved)",
   "0 if isinstance(obj, torch.Tensor) else obj.load_state_dict(saved)"),
  ('resume repeats the saved epoch', "        return self.state['epoch'] + 1", "        return self.state['epoch']"),
+ ('resume logs the redone epochs twice', "if at(r) < limit or at(r) == limit and not r['test_accuracy']]", "]"),
  ('checkpoint written in place', "    torch.save(obj, path + '.tmp')\n    os.replace(path + '.tmp', path)", "    torch.save(obj, path)"),
 ]
 only = sys.argv[1:]
