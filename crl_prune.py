@@ -22,8 +22,9 @@ Sections, in pipeline order:
   4. REINFORCE with a baseline      on the Lagrangian reward
   5. The dual step                  projected, damped ascent on the multipliers
   6. The final mask                 the most probable channels within the budget
-  7. Physical compaction            the smaller network, same outputs
-  8. Data and training loops        whole dataset on the device, augmentation as tensor ops
+  7. Physical compaction            the smaller network, same outputs; saving, loading, export
+  8. Data and training loops        whole dataset on the device, augmentation as tensor ops; metrics.csv;
+                                    checkpoints that --resume continues from
   9. Command line                   checks every input before any long work, then runs the pipeline
 """
 import argparse

@@ -4,7 +4,8 @@
 
 Builds the latency table (timing every unit at a grid of widths, as `--budget latency=...` does), then for
 `--samples` random width vectors (every group keeps a uniform random fraction in [0.05, 1] of its channels) builds
-the network with those widths, times it (eval mode, warm-up, median of 21 runs) and compares with the prediction.
+the network with those widths, times it (eval mode, warm-up, the fastest of 3 medians of 21 runs) and compares with
+the prediction.
 Prints the table's build time, the median and worst relative error, and every pair.
 """
 import argparse
