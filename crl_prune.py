@@ -50,6 +50,11 @@ def fail(message):
     raise SystemExit(f"crl_prune: error: {message}")
 
 
+def first_line(e):
+    """An exception as one short line, for the one-line errors."""
+    return (str(e).strip().splitlines() or [''])[0][:200]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. Models with channel masks
 # ---------------------------------------------------------------------------------------------------------------------
@@ -471,7 +476,7 @@ def user_cost(spec, model):
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     except Exception as e:
-        fail(f"{where}: cannot import {path} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+        fail(f"{where}: cannot import {path} ({type(e).__name__}: {first_line(e)})")
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         fail(f"{where}: {path} has no function {fn_name!r}")
@@ -480,7 +485,7 @@ def user_cost(spec, model):
         try:
             v = torch.as_tensor(fn(widths.cpu(), list(model.group_names)), dtype=torch.float64).flatten()
         except Exception as e:
-            fail(f"{where}: the function raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            fail(f"{where}: the function raised {type(e).__name__}: {first_line(e)}")
         if v.shape != (len(widths),):
             fail(f"{where}: returned {tuple(v.shape)} values for {len(widths)} candidates; return one per candidate")
         if not torch.isfinite(v).all():
@@ -716,7 +721,7 @@ def load_image(path):
                 img = Image.fromarray((a * 255 / (65535 if a.max() > 255 else 255)).clip(0, 255).astype(np.uint8))
             return np.asarray(img.convert('RGB').resize((32, 32)))
     except OSError as e:
-        fail(f"--data: cannot read image {path} ({str(e).splitlines()[0][:200]})")
+        fail(f"--data: cannot read image {path} ({first_line(e)})")
 
 
 @functools.lru_cache(maxsize=4)  # a process that runs main() many times (bench/compare.py) decodes each folder once
@@ -744,7 +749,7 @@ def image_folder_splits(data):
         try:
             classes.append(torchvision.datasets.ImageFolder(split).classes)
         except (FileNotFoundError, OSError) as e:
-            fail(f"--data {data}: {split} holds no images in class subfolders ({str(e).splitlines()[0]})")
+            fail(f"--data {data}: {split} holds no images in class subfolders ({first_line(e)})")
     if classes[0] != classes[1]:
         fail(f"--data {data}: train/ and test/ have different classes")
     return os.path.join(data, 'train'), test, len(classes[0])
@@ -889,8 +894,9 @@ class Metrics:
         self.tensorboard = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            for old in glob.glob(os.path.join(out, 'tensorboard', 'events.out.tfevents.*')) * (not resume_after):
-                os.remove(old)  # --overwrite: the curves of the run replaced would mix with these
+            if not resume_after:  # --overwrite: the curves of the run replaced would mix with these
+                for old in glob.glob(os.path.join(out, 'tensorboard', 'events.out.tfevents.*')):
+                    os.remove(old)
             self.tensorboard = SummaryWriter(os.path.join(out, 'tensorboard'))
 
     def log(self, phase, epoch, step, images, **values):
@@ -994,13 +1000,18 @@ def rng_state():
     return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def finite(module):
-    return bool(torch.stack([p.isfinite().all() for p in module.parameters()]).all())
+def refuse_diverged(model, where):
+    """Stop, with one line, before a network with NaN or infinite weights is saved over a good file."""
+    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+        fail(f"{where}: the weights became NaN or inf; training diverged, most likely a learning rate too high for "
+             f"this network (--lr, --prune-lr)")
 
 
 class Checkpoint:
     """OUT/checkpoint.pt. `report` holds what finished phases measured; `save` and `restore` take the same named
     objects: those with a state_dict (network, optimiser, scheduler, policy) are saved through it, tensors as such."""
+
+    FREE = ('resume', 'overwrite', 'log_every', 'checkpoint_every', 'budget_parsed', 'latency_device_t')  # may change
 
     def __init__(self, args=None):  # without args: saves nothing (the loops run alone, e.g. in tests)
         self.state, self.saved, self.report, self.path = None, None, {}, None
@@ -1019,8 +1030,6 @@ class Checkpoint:
                 fail("--resume: the interrupted run had other arguments: " + ', '.join(
                     f"--{k.replace('_', '-')} {self.state['args'].get(k)!r} (now {self.args[k]!r})" for k in changed))
             self.saved, self.report = (self.state['phase'], self.state['epoch']), self.state['report']
-
-    FREE = ('resume', 'overwrite', 'log_every', 'checkpoint_every', 'budget_parsed', 'latency_device_t')
 
     def reached(self, phase):
         """Whether the checkpoint to resume from is at `phase` or a later one."""
@@ -1043,9 +1052,7 @@ class Checkpoint:
         """At the end of `epoch`: written when --checkpoint-every seconds have passed, and always when `last`."""
         if self.path is None or not (last or time.time() - self.last_save >= self.every):
             return
-        if not finite(objects['model']):  # never a diverged network over a good checkpoint
-            fail(f"{phase} epoch {epoch}: the weights became NaN or inf; training diverged, most likely a learning "
-                 f"rate too high for this network (--lr, --prune-lr)")
+        refuse_diverged(objects['model'], f"{phase} epoch {epoch}")
         state = {name: obj.state_dict() if hasattr(obj, 'state_dict') else obj for name, obj in objects.items()}
         save_atomic({'phase': phase, 'epoch': epoch, 'args': self.args, 'objects': state, 'rng': rng_state(),
                      'report': self.report}, self.path)
@@ -1275,7 +1282,7 @@ def load_dense(args, model):
         return {k: torch.tensor(ckpt[k]) for k in ('mean', 'std') if k in ckpt}  # the inputs it was trained on
     except Exception as e:
         fail(f"--pretrained {args.pretrained}: cannot load it into a dense {args.arch} of width {args.width} "
-             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+             f"({type(e).__name__}: {first_line(e)})")
 
 
 @torch.no_grad()
@@ -1421,8 +1428,7 @@ def run(args, device, outputs, checkpoint):
         speed['dense'] = train(model, data, 0 if args.pretrained else args.dense_epochs, args.lr, args, 'dense',
                                checkpoint, metrics)
         times['dense'] = time.time() - t0
-        if not finite(model):
-            fail('dense training diverged: the weights are NaN or inf; lower --lr')
+        refuse_diverged(model, 'dense training')
         save_model(model, outputs[1], data['mean'], data['std'])
         report['dense_accuracy'] = evaluate(model, data)
         metrics.test_accuracy('dense', report['dense_accuracy'])
@@ -1521,9 +1527,8 @@ def run(args, device, outputs, checkpoint):
         try:
             export_pruned(outputs[2], exported)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [''])[0][:200]
-            fail(f"--export to {exported} failed ({type(e).__name__}: {first}); the run's results are saved in "
-                 f"{args.out}")
+            fail(f"--export to {exported} failed ({type(e).__name__}: {first_line(e)}); the run's results are saved "
+                 f"in {args.out}")
         print(f"exported the pruned network to {exported}")
     return results
 

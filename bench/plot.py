@@ -82,7 +82,7 @@ def plot_dual(run, results, path):
     keep.set(xlabel='pruning step', ylabel='keep-probabilities', ylim=(0, 1))
     keep.legend(fontsize='small')
     keep.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"{title(results)}: dual dynamics while pruning")
+    fig.suptitle(f"{title(results)}:\ndual dynamics while pruning")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
