@@ -1059,8 +1059,6 @@ class Checkpoint:
         self.last_save, self.saved = time.time(), (phase, epoch)
 
     def describe(self):
-        if self.saved is None:
-            return 'no epoch had finished, nothing to resume from'
         return f"{self.path} holds the state at the end of {self.saved[0]} epoch {self.saved[1]}"
 
 
@@ -1380,6 +1378,9 @@ def main(argv=None):
         return run(args, device, outputs, checkpoint)
     except KeyboardInterrupt:
         words = sys.argv[1:] if argv is None else list(argv)
+        if checkpoint.saved is None:  # nothing to continue from: the same command starts over
+            command = shlex.join(['python', 'crl_prune.py', *words, *([] if args.overwrite else ['--overwrite'])])
+            raise SystemExit(f"crl_prune: interrupted before the first checkpoint; start again with: {command}")
         command = shlex.join(['python', 'crl_prune.py', *words, *([] if args.resume else ['--resume'])])
         raise SystemExit(f"crl_prune: interrupted; {checkpoint.describe()}; resume with: {command}")
 

@@ -843,6 +843,16 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, tiny, ste
         crl.main([*argv, '--resume'])
 
 
+def test_interrupted_before_any_checkpoint_says_how_to_start_again(tmp_path, tiny):
+    argv = [*RESUMABLE, '--data', tiny, '--out', str(tmp_path / 'out')]
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt_at(mp, 1)
+        with pytest.raises(SystemExit) as e:
+            crl.main(argv)
+    assert str(e.value.code).endswith(shlex.join(['python', 'crl_prune.py', *argv, '--overwrite']))
+    assert crl.main([*argv, '--overwrite'])['budget_met']  # and that command runs
+
+
 def test_resume_refuses_what_it_cannot_continue(tmp_path, tiny):
     out = str(tmp_path / 'out')
     with pytest.raises(SystemExit, match='cannot read'):
