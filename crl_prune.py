@@ -268,11 +268,9 @@ COSTS = ['params', 'macs']
 # the policy; the budget is checked by timing the compact network itself, in turns with the dense one (`fit_latency`).
 
 @torch.no_grad()
-def time_forward(net, x, run, repeats=20, warmup=3, rounds=1):
+def time_forward(net, x, run, repeats=20, warmup=3):
     """Seconds of net(x) with the run's precision (`numerics`): warm-up, then the median of `repeats` calls (CUDA
-    events on a GPU); with several rounds, the fastest round's median: a shared machine's noise only adds time."""
-    if rounds > 1:
-        return min(time_forward(net, x, run, repeats, warmup) for _ in range(rounds))
+    events on a GPU)."""
     times = []
     for _ in range(warmup + repeats):
         if run['device'].type == 'cuda':
@@ -339,10 +337,10 @@ def build_latency_table(model, run, batch, repeats=7):
         ms = torch.zeros(len(gin), len(gout), dtype=torch.float64)
         for a, ci in enumerate(gin):
             for b, co in enumerate(gout):
-                net = unit_alone(u, ci, co).eval().to(run['device'])
+                net = unit_alone(u, ci, co)
                 key = (repr(net), shapes[u])
                 if key not in timed:
-                    x = image(batch, ci, shapes[u], run)
+                    net, x = net.eval().to(run['device']), image(batch, ci, shapes[u], run)
                     if x.dim() == 4 and run['channels_last']:
                         net.to(memory_format=torch.channels_last)
                     timed[key] = 1000 * time_forward(net, x, run, repeats)
@@ -357,9 +355,8 @@ def build_latency_table(model, run, batch, repeats=7):
                       torch.rand(5, len(dense), generator=g) * 0.9 + 0.1])
     widths = (dense * keep).round().clamp(min=1).long()
     sums = Latency(table).predict_ms(widths)
-    measured = torch.tensor([Latency.time_network(build(model.arch, w.tolist(), model.num_classes), run, batch,
-                                                  3 * repeats if i == 0 else repeats) for i, w in enumerate(widths)],
-                            dtype=torch.float64)
+    measured = torch.tensor(time_in_turns([build(model.arch, w.tolist(), model.num_classes) for w in widths], run,
+                                          batch, rounds=3, repeats=repeats), dtype=torch.float64)
     a, b = torch.linalg.lstsq(torch.stack([sums, torch.ones_like(sums)], 1), measured[:, None]).solution.flatten()
     return {**table, 'a': a.item(), 'b': b.item(), 'dense_ms': measured[0].item()}
 
@@ -380,8 +377,8 @@ class Latency:
     """The latency cost: C(widths) = predicted latency / predicted dense latency, for K width vectors at once (a
     ratio of two predictions: one noisy timing of the dense network does not shift every fraction)."""
 
-    def __init__(self, table):
-        self.table, self.dense_ms, g = table, table.get('dense_ms'), len(table['meta']['widths'])
+    def __init__(self, table, run=None):  # run: where `measure_*` time networks (`numerics`)
+        self.table, self.run, self.dense_ms, g = table, run, table.get('dense_ms'), len(table['meta']['widths'])
         flat, offsets, rows, cols, strides = [], [], [], [], []
         for t in table['units']:  # every unit's table at every integer width pair, flattened one after the other
             full = interpolation(t['grid_in'], t['grid_in'][-1]) @ t['ms'] @ interpolation(t['grid_out'],
@@ -404,23 +401,21 @@ class Latency:
     def __call__(self, widths):
         return self.predict_ms(widths) / self.dense_predicted_ms
 
-    def measure_ms(self, model, run):
-        return self.time_network(model, run, self.table['meta']['batch'])
+    def measure_ms(self, *models, rounds=3):
+        """Measured milliseconds of whole networks at the table's batch, timed in turns (`time_in_turns`)."""
+        return time_in_turns(models, self.run, self.table['meta']['batch'], rounds)
 
-    def measure_pair(self, small, dense, rounds=3):
-        """Milliseconds of two networks timed in turns, the fastest round of each: whatever else the machine is
-        doing then slows both alike, so their ratio is what a budget on the fraction needs."""
-        pairs = [(self.time_network(small, self.run, self.table['meta']['batch'], rounds=1),
-                  self.time_network(dense, self.run, self.table['meta']['batch'], rounds=1)) for _ in range(rounds)]
-        return min(p[0] for p in pairs), min(p[1] for p in pairs)
 
-    @staticmethod
-    def time_network(model, run, batch, repeats=21, rounds=3):
-        """Measured milliseconds of a whole network: eval mode, warm-up, the fastest of `rounds` medians."""
-        net = copy.deepcopy(model).eval().to(run['device'])
-        if run['channels_last']:
-            net.to(memory_format=torch.channels_last)
-        return 1000 * time_forward(net, image(batch, 3, (32, 32), run), run, repeats, rounds=rounds)
+def time_in_turns(models, run, batch, rounds=3, repeats=21):
+    """Milliseconds of whole networks (eval mode, on `run`'s device, precision and memory format): each timed in
+    turn, `rounds` times over, and the fastest round's median kept. Whatever else the machine is doing then slows
+    them alike, so their ratios hold; a shared machine's noise only ever adds time."""
+    nets = [copy.deepcopy(m).eval().to(run['device']) for m in models]
+    if run['channels_last']:
+        nets = [n.to(memory_format=torch.channels_last) for n in nets]
+    x = image(batch, 3, (32, 32), run)
+    times = [[1000 * time_forward(n, x, run, repeats) for n in nets] for _ in range(rounds)]
+    return [min(t) for t in zip(*times)]
 
 
 def latency_cost(model, args):
@@ -444,11 +439,11 @@ def latency_cost(model, args):
         table = build_latency_table(model, run, args.latency_batch)
         build_s = time.time() - t0
         os.makedirs(args.out, exist_ok=True)
-        torch.save(table, os.path.join(args.out, 'latency_table.pt'))
+        save_atomic(table, os.path.join(args.out, 'latency_table.pt'))
         print(f"latency table: {len(table['units'])} units timed on {table['meta']['device']} at batch "
               f"{args.latency_batch} in {build_s:.1f} s; dense network {table['dense_ms']:.3f} ms")
-    cost = Latency(table)
-    cost.run, cost.build_s = run, build_s
+    cost = Latency(table, run)
+    cost.build_s = build_s
     return cost
 
 
@@ -461,7 +456,6 @@ def latency_cost(model, args):
 
 def user_cost(spec, model):
     """NAME=path.py:function -> (NAME, C(widths) -> fraction of the dense value); a bad file is a one-line error."""
-    import importlib.util
     name, _, target = spec.partition('=')
     path, _, fn_name = target.rpartition(':')
     where = f"--cost {spec}"
@@ -1062,14 +1056,13 @@ class Checkpoint:
         return f"{self.path} holds the state at the end of {self.saved[0]} epoch {self.saved[1]}"
 
 
-def train(model, data, epochs, lr, args, phase, checkpoint=None, metrics=None, **keep):
-    """Supervised training of a whole network (the dense one, then the compact one). `keep`: more objects for the
-    checkpoints of this phase (the policy and multipliers, while fine-tuning)."""
+def train(model, data, epochs, lr, args, phase, checkpoint=None, metrics=None):
+    """Supervised training of a whole network (the dense one, then the compact one)."""
     device = data['train'][0].device
     per_epoch = max(len(data['train'][1]) // args.batch_size, 1)
     opt, sched = sgd(model, lr, epochs * per_epoch, args)
     checkpoint = checkpoint or Checkpoint()
-    start = checkpoint.restore(phase, model=model, opt=opt, sched=sched, **keep)
+    start = checkpoint.restore(phase, model=model, opt=opt, sched=sched)
     net = torch.compile(model) if args.compile else model
     progress = Progress(phase, args.log_every, device, total_steps=epochs * per_epoch, metrics=metrics)
     model.train()
@@ -1084,7 +1077,7 @@ def train(model, data, epochs, lr, args, phase, checkpoint=None, metrics=None, *
             sched.step()
             progress.add(loss, logits, y)
             progress.maybe_print(epoch, step, per_epoch)
-        checkpoint.save(phase, epoch, epoch == epochs, model=model, opt=opt, sched=sched, **keep)
+        checkpoint.save(phase, epoch, epoch == epochs, model=model, opt=opt, sched=sched)
     return progress.speed()
 
 
@@ -1340,15 +1333,15 @@ def fit_latency(model, policy, costs, budget, multiple):
     """The final mask, cut shorter along the same ranking until the compact network's *measured* latency meets its
     budget: each round holds the prediction to a budget lowered by the measured overshoot (at most 20 rounds of at
     most 10% each, an overshoot timed again before it is cut). Returns the mask and {'pruned_ms', 'dense_ms'}: the
-    compact and the dense network timed in turns (`Latency.measure_pair`)."""
+    compact and the dense network timed in turns (`time_in_turns`)."""
     latency, j = costs['latency'], list(costs).index('latency')
     target, b = budget[j].item(), budget.clone()
     for _ in range(20):
         mask = final_mask(policy, costs, b, multiple)
         small = compact(model, policy.split(mask))
-        small_ms, dense_ms = latency.measure_pair(small, model)
+        small_ms, dense_ms = latency.measure_ms(small, model)
         if small_ms / dense_ms > target:  # timed again before cutting: one slow moment must not cost channels
-            small_ms, dense_ms = latency.measure_pair(small, model, rounds=5)
+            small_ms, dense_ms = latency.measure_ms(small, model, rounds=5)
         if small_ms / dense_ms <= target:
             break
         b[j] = b[j] * min(max(target * dense_ms / small_ms, 0.9), 0.98)  # cut in steps of 2 to 10%
@@ -1417,6 +1410,9 @@ def run(args, device, outputs, checkpoint):
     if data['channels_last']:
         model.to(memory_format=torch.channels_last)
     os.makedirs(args.out, exist_ok=True)
+    for stale in ([] if args.resume else [outputs[0], outputs[3]]):  # --overwrite: the run replaced is gone now,
+        if os.path.exists(stale):  # so an interruption from here on can be resumed
+            os.remove(stale)
     metrics = Metrics(args.out, budget_names, args.tensorboard, checkpoint.saved)
     print(f"{args.arch} width {args.width}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(data['train'][1])} train / {len(data['test'][1])} test images, {data['classes']} classes, {device}"
@@ -1443,6 +1439,8 @@ def run(args, device, outputs, checkpoint):
         times['prune'] = time.time() - t0
         save_atomic({'theta': dict(zip(model.group_names, policy.split(policy.theta.detach().cpu())))},
                     os.path.join(args.out, 'policy.pt'))  # the final keep-probabilities are sigmoid(theta)
+        report['multipliers'] = dict(zip(budget_names, lam.tolist()))
+        report['keep_probability_mean'] = torch.sigmoid(policy.theta).mean().item()
 
         # 3. the final mask (for a latency budget: checked by timing the compact network), compacted
         if 'latency' in costs:
@@ -1457,17 +1455,15 @@ def run(args, device, outputs, checkpoint):
         recalibrate_bn(small, data)
         report['accuracy_before_finetune'], report['widths'] = evaluate(small, data), small.widths
         metrics.test_accuracy('prune', report['accuracy_before_finetune'])
-    else:  # resumed while fine-tuning: the compact network's shape; its weights, policy and multipliers follow
+    else:  # resumed while fine-tuning: the compact network's shape; `train` restores its weights
         small = build(args.arch, report['widths'], data['classes']).to(device)
         if data['channels_last']:
             small.to(memory_format=torch.channels_last)
-        lam = torch.zeros_like(budget)  # restored with the policy by `train`
     print(f"compact network kept {small.widths}; accuracy before fine-tuning {report['accuracy_before_finetune']:.4f}")
 
     # 4. fine-tuning
     t0 = time.time()
-    speed['finetune'] = train(small, data, args.finetune_epochs, args.lr, args, 'finetune', checkpoint, metrics,
-                              policy=policy, lam=lam)
+    speed['finetune'] = train(small, data, args.finetune_epochs, args.lr, args, 'finetune', checkpoint, metrics)
     times['finetune'] = time.time() - t0
     pruned_acc = evaluate(small, data)
     metrics.test_accuracy('finetune', pruned_acc)
@@ -1492,8 +1488,8 @@ def run(args, device, outputs, checkpoint):
                    'params_fraction': fractions['params'], 'macs_fraction': fractions['macs']},
         'channels': dict(zip(model.group_names, small.widths)),
         'dense_channels': dict(zip(model.group_names, model.widths)),
-        'keep_probability_mean': torch.sigmoid(policy.theta).mean().item(), 'channel_multiple': multiple,
-        'multipliers': dict(zip(budget_names, lam.tolist())),
+        'keep_probability_mean': report['keep_probability_mean'], 'channel_multiple': multiple,
+        'multipliers': report['multipliers'],
         'time_s': times, 'images_per_s': {phase: s['images_per_s'] for phase, s in speed.items()},
         'overhead_s': {phase: s['overhead_s'] for phase, s in speed.items()},
         'args': {k: v for k, v in vars(args).items() if k not in ('budget_parsed', 'latency_device_t')},
@@ -1504,7 +1500,7 @@ def run(args, device, outputs, checkpoint):
             'device': lat.table['meta']['device'], 'batch': args.latency_batch, 'bf16': lat.run['bf16'],
             'channels_last': lat.run['channels_last'], 'table_build_s': lat.build_s,
             'dense_measured_ms': report['latency_measured']['dense_ms'],
-            'dense_predicted_ms': lat.predict_ms(torch.tensor([model.widths])).item(),
+            'dense_predicted_ms': lat.dense_predicted_ms,
             'pruned_measured_ms': report['latency_measured']['pruned_ms'],
             'pruned_predicted_ms': lat.predict_ms(kept).item()}
         r = results['latency']

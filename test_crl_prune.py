@@ -853,6 +853,16 @@ def test_interrupted_before_any_checkpoint_says_how_to_start_again(tmp_path, tin
     assert crl.main([*argv, '--overwrite'])['budget_met']  # and that command runs
 
 
+def test_an_interrupted_overwrite_resumes(tmp_path, tiny):
+    argv = [*RESUMABLE, '--data', tiny, '--out', str(tmp_path / 'out')]
+    crl.main(argv)
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt_at(mp, 8)
+        with pytest.raises(SystemExit, match='resume with'):
+            crl.main([*argv, '--overwrite'])
+    assert crl.main([*argv, '--overwrite', '--resume'])['budget_met']
+
+
 def test_resume_refuses_what_it_cannot_continue(tmp_path, tiny):
     out = str(tmp_path / 'out')
     with pytest.raises(SystemExit, match='cannot read'):

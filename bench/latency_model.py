@@ -36,8 +36,7 @@ def main():
     t0 = time.time()
     table = crl.build_latency_table(model, run, args.batch)
     build_s = time.time() - t0
-    cost = crl.Latency(table)
-    cost.run = run
+    cost = crl.Latency(table, run)
     g = torch.Generator().manual_seed(args.seed)
     dense = torch.tensor(model.widths)
     errors = []
@@ -51,7 +50,7 @@ def main():
         keep = torch.rand(len(dense), generator=g) * 0.95 + 0.05
         widths = (dense * keep).round().clamp(min=1).long()
         predicted = cost.predict_ms(widths[None]).item()
-        measured = cost.measure_ms(crl.build(args.arch, widths.tolist(), 10), run)
+        measured = cost.measure_ms(crl.build(args.arch, widths.tolist(), 10))[0]
         errors.append((predicted - measured) / measured)
         print(f"| {predicted:.3f} | {measured:.3f} | {100 * errors[-1]:+.1f}% | {' '.join(map(str, widths.tolist()))} |",
               flush=True)

@@ -64,11 +64,11 @@ def main():
     # uniform: the widest uniformly thinned network whose measured latency meets the budget
     meta = torch.load(table, weights_only=True)
     run = crl.numerics(torch.device(args.latency_device))
-    cost, reference = crl.Latency(meta), crl.load_pruned(dense)
-    cost.run = run
+    cost, reference = crl.Latency(meta, run), crl.load_pruned(dense)
     width = args.width
     while width > 0.01:
-        small_ms, dense_ms = cost.measure_pair(crl.build(args.arch, crl.dense_widths(args.arch, width), 10), reference)
+        uniform = crl.build(args.arch, crl.dense_widths(args.arch, width), reference.num_classes)
+        small_ms, dense_ms = cost.measure_ms(uniform, reference)
         if small_ms / dense_ms <= args.latency:
             break
         width *= 0.97
@@ -81,11 +81,7 @@ def main():
     folders = ['crl-latency', 'crl-params-equal', 'crl-params-tuned', 'uniform']
     nets = [crl.load_pruned(os.path.join(args.out, f, 'dense.pt' if f == 'uniform' else 'pruned.pt'))
             for f in folders]
-    together = {i: [] for i in range(len(nets) + 1)}
-    for _ in range(args.rounds):
-        for i, net in enumerate([reference, *nets]):
-            together[i].append(crl.Latency.time_network(net, run, args.latency_batch, rounds=1))
-    together = {i: min(t) for i, t in together.items()}
+    together = cost.measure_ms(reference, *nets, rounds=args.rounds)
 
     print(f"\n{args.arch} width {args.width}, latency on {meta['meta']['device']} at batch {args.latency_batch}, "
           f"budget {args.latency} of the dense network; dense {meta['dense_ms']:.3f} ms when its table was built, "
@@ -98,13 +94,12 @@ def main():
         net = nets[i - 1]
         widths = torch.tensor([net.widths])
         (params, macs), acc = crl.measure(net), r['pruned']['accuracy']
-        if name.startswith('uniform'):
-            acc, measured = r['dense']['accuracy'], r['latency']['dense_measured_ms'] if 'latency' in r else None
+        if name.startswith('uniform'):  # measured when its width was searched
+            acc, measured = r['dense']['accuracy'], small_ms
         else:
             measured = r['latency']['pruned_measured_ms']
-        shown = f"{measured:.3f}" if measured else '-'
         print(f"| {name} | {100 * acc:.2f} | {params:,} ({params / dp:.3f}) | {macs / 1e6:.2f}M ({macs / dm:.3f}) | "
-              f"{cost.predict_ms(widths).item():.3f} / {shown} / {together[i]:.3f} ({together[i] / together[0]:.3f})"
+              f"{cost.predict_ms(widths).item():.3f} / {measured:.3f} / {together[i]:.3f} ({together[i] / together[0]:.3f})"
               f" | {' '.join(map(str, net.widths))} |")
 
 
