@@ -542,31 +542,18 @@ def reinforce_loss(policy, masks, reward, cost, budget, lam):
     return -(advantage.detach().float() * policy.log_prob(masks)).mean()  # grad: -mean_k (L_k - b_k) grad log pi(m_k)
 
 
-def task_loss(logits, y, teacher=None, alpha=0.0, t=4.0):
-    """The loss of every image: cross-entropy, or with the dense network's logits `teacher` (knowledge distillation,
-    Hinton et al. 2015) (1 - alpha) CE(y) + alpha t^2 KL(softmax(teacher / t) || softmax(logits / t))."""
-    ce = F.cross_entropy(logits.float(), y, reduction='none')
-    if teacher is None or alpha == 0:
-        return ce
-    log_p, log_q = (F.log_softmax(z.float() / t, -1) for z in (logits, teacher))
-    return (1 - alpha) * ce + alpha * t * t * F.kl_div(log_p, log_q, reduction='none', log_target=True).sum(-1)
-
-
-def crl_step(model, policy, costs, budget, lam, x, y, k, teacher=None, alpha=0.0, t=4.0):
+def crl_step(model, policy, costs, budget, lam, x, y, k):
     """Sample K masks and score all K sub-networks in one forward pass: slice k of the batch is the same images under
     mask k (common random numbers: rewards differ only through the masks; BN statistics are per slice, so the
-    reward of mask k depends on mask k alone). Returns the weights' loss (the mean loss of the sampled sub-networks,
-    so the weights adapt to them), the policy's loss, the sampled costs and the logits. The reward is minus the
-    task loss: the cross-entropy, or with the dense network's logits of x (`teacher`) the distillation loss, whose
-    soft targets tell more about a sub-network per image than one label does."""
+    reward of mask k depends on mask k alone). Returns the weights' loss (the mean cross-entropy of the sampled
+    sub-networks, so the weights adapt to them), the policy's loss, the sampled costs and the logits."""
     masks = policy.sample(k)
     n = len(x)
     logits = model(torch.cat([x] * k), policy.split(masks))  # the images k times over; cat keeps channels_last
-    soft = None if teacher is None else teacher.repeat(k, 1)
-    loss = task_loss(logits, y.repeat(k), soft, alpha, t).view(k, n).mean(1)
+    ce = F.cross_entropy(logits.float(), y.repeat(k), reduction='none').view(k, n).mean(1)
     kept = policy.kept(masks)
     cost = torch.stack([c(kept) for c in costs.values()], 1)  # C_j(m_k), (K, J): evaluated, never differentiated
-    return loss.mean(), reinforce_loss(policy, masks, -loss.detach(), cost, budget, lam), cost, logits
+    return ce.mean(), reinforce_loss(policy, masks, -ce.detach(), cost, budget, lam), cost, logits
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1069,17 +1056,8 @@ class Checkpoint:
         return f"{self.path} holds the state at the end of {self.saved[0]} epoch {self.saved[1]}"
 
 
-def teacher_logits(teacher, x):
-    """The frozen dense network's logits of a batch (None without a teacher)."""
-    if teacher is None:
-        return None
-    with torch.no_grad():
-        return teacher(x)
-
-
-def train(model, data, epochs, lr, args, phase, checkpoint=None, metrics=None, teacher=None):
-    """Supervised training of a whole network (the dense one, then the compact one), distilled from `teacher` (a
-    frozen network in eval mode) with weight args.distill where one is given."""
+def train(model, data, epochs, lr, args, phase, checkpoint=None, metrics=None):
+    """Supervised training of a whole network (the dense one, then the compact one)."""
     device = data['train'][0].device
     per_epoch = max(len(data['train'][1]) // args.batch_size, 1)
     opt, sched = sgd(model, lr, epochs * per_epoch, args)
@@ -1092,8 +1070,7 @@ def train(model, data, epochs, lr, args, phase, checkpoint=None, metrics=None, t
         for step, (x, y) in enumerate(batches(data, 'train', args.batch_size, train=True), 1):
             with autocast(data):
                 logits = net(x)
-                soft = teacher_logits(teacher, x)
-            loss = task_loss(logits, y, soft, args.distill, args.distill_t).mean()
+            loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -1104,10 +1081,10 @@ def train(model, data, epochs, lr, args, phase, checkpoint=None, metrics=None, t
     return progress.speed()
 
 
-def prune(model, policy, costs, budget, data, args, checkpoint=None, metrics=None, teacher=None):
+def prune(model, policy, costs, budget, data, args, checkpoint=None, metrics=None):
     """The CRL pruning phase: policy gradient on theta, dual ascent on lambda and SGD on the weights, every step.
     A pruning epoch processes as many images as a dense epoch: batch_size / K distinct images per step, each seen
-    under all K masks. With a `teacher` (the frozen dense network) rewards and weights use the distillation loss."""
+    under all K masks."""
     device = data['train'][0].device
     k = args.samples
     n = max(args.batch_size // k, 1)
@@ -1135,8 +1112,7 @@ def prune(model, policy, costs, budget, data, args, checkpoint=None, metrics=Non
     for epoch in range(start, args.prune_epochs + 1):
         for step, (x, y) in zip(range(1, per_epoch + 1), batches(data, 'train', n, train=True)):
             with autocast(data):
-                loss, policy_loss, cost, logits = crl_step(net, policy, costs, budget, lam, x, y, k,
-                                                           teacher_logits(teacher, x), args.distill, args.distill_t)
+                loss, policy_loss, cost, logits = crl_step(net, policy, costs, budget, lam, x, y, k)
             opt_w.zero_grad(set_to_none=True)
             opt_p.zero_grad(set_to_none=True)
             (loss + policy_loss).backward()
@@ -1188,10 +1164,6 @@ def parse_args(argv):
     p.add_argument('--dual-lr', type=float, default=0.01, help='eta, step of the dual ascent')
     p.add_argument('--damping', type=float, default=10.0, help='weight of the proportional term of the multipliers')
     p.add_argument('--init-keep', type=float, default=0.9, help='initial keep-probability of every channel')
-    p.add_argument('--distill', type=float, default=0.0, metavar='ALPHA', help='weight of knowledge distillation '
-                   'from the dense network (0: off): pruning rewards, the weights while pruning and fine-tuning use '
-                   '(1 - ALPHA) cross-entropy + ALPHA distillation loss')
-    p.add_argument('--distill-t', type=float, default=4.0, help='temperature of the distillation loss')
     p.add_argument('--reinit', action='store_true', help='train the compact network from random initialisation '
                    'for --finetune-epochs instead of fine-tuning the weights it inherits')
     p.add_argument('--channel-multiple', type=int, default=0, help='the final network keeps a multiple of this many '
@@ -1224,9 +1196,7 @@ def parse_args(argv):
     for name in ('dense_epochs', 'prune_epochs', 'finetune_epochs', 'subset'):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0")
-    if not 0 <= args.distill <= 1:
-        fail('--distill must be in [0, 1]')
-    for name in ('width', 'batch_size', 'lr', 'prune_lr', 'policy_lr', 'log_every', 'distill_t'):
+    for name in ('width', 'batch_size', 'lr', 'prune_lr', 'policy_lr', 'log_every'):
         if not 0 < getattr(args, name) < math.inf:
             fail(f"--{name.replace('_', '-')} must be a positive finite number")
     for name in ('wd', 'dual_lr', 'damping', 'checkpoint_every'):
@@ -1307,12 +1277,6 @@ def load_dense(args, model):
 
 
 @torch.no_grad()
-def frozen(path, data):
-    """The network saved at `path` as a teacher: eval mode, no gradients, in the run's memory format."""
-    net = load_pruned(path, data['device']).requires_grad_(False)
-    return net.to(memory_format=torch.channels_last) if data['channels_last'] else net
-
-
 def inference_speed(model, data, repeats=20):
     """Median batch-1 latency (ms) and batch-512 throughput (images/s) in eval mode, with the run's precision and
     memory format, after 3 warm-up runs; timed with CUDA events on a GPU."""
@@ -1469,10 +1433,9 @@ def run(args, device, outputs, checkpoint):
 
     # 2. CRL: learn the keep-probabilities under the budget while the weights adapt
     budget, policy = budget.to(device), policy.to(device)
-    teacher = frozen(outputs[1], data) if args.distill else None  # the dense network as saved, also on --resume
     if not checkpoint.reached('finetune'):
         t0 = time.time()
-        speed['prune'], lam = prune(model, policy, costs, budget, data, args, checkpoint, metrics, teacher)
+        speed['prune'], lam = prune(model, policy, costs, budget, data, args, checkpoint, metrics)
         times['prune'] = time.time() - t0
         save_atomic({'theta': dict(zip(model.group_names, policy.split(policy.theta.detach().cpu())))},
                     os.path.join(args.out, 'policy.pt'))  # the final keep-probabilities are sigmoid(theta)
@@ -1500,8 +1463,7 @@ def run(args, device, outputs, checkpoint):
 
     # 4. fine-tuning
     t0 = time.time()
-    speed['finetune'] = train(small, data, args.finetune_epochs, args.lr, args, 'finetune', checkpoint, metrics,
-                              teacher)
+    speed['finetune'] = train(small, data, args.finetune_epochs, args.lr, args, 'finetune', checkpoint, metrics)
     times['finetune'] = time.time() - t0
     pruned_acc = evaluate(small, data)
     metrics.test_accuracy('finetune', pruned_acc)

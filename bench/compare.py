@@ -118,12 +118,12 @@ def prune_to(model, pruner, fraction):
     return model
 
 
-def sparsity_learning(model, pruner, data, epochs, targs, name, teacher):
+def sparsity_learning(model, pruner, data, epochs, targs, name):
     """Train `model` with the pruner's sparsity regulariser added to the gradients before every optimiser step."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
     hook = register_optimizer_step_pre_hook(lambda opt, a, kw: pruner.regularize(model))
     try:
-        crl.train(model, data, epochs, targs.prune_lr, targs, name, teacher=teacher)
+        crl.train(model, data, epochs, targs.prune_lr, targs, name)
     finally:
         hook.remove()
 
@@ -140,12 +140,11 @@ def baseline(method, crl_widths, dense_path, data, fraction, seed, args, targs):
     device = data['train'][0].device
     dense = channels_last(crl.load_pruned(dense_path, device).train(), data)
     e = epochs(method, args.dense_epochs, args.prune_epochs, args.finetune_epochs)
-    teacher = crl.frozen(dense_path, data) if args.distill else None  # --distill: every row learns from the dense
     t0 = time.time()
     if method.endswith('scratch'):
         widths = crl_widths if method == 'scratch' else uniform_widths(dense, fraction)
         model = channels_last(crl.build(dense.arch, widths, dense.num_classes).to(device), data)
-        crl.train(model, data, e['scratch'], targs.lr, targs, method, teacher=teacher)
+        crl.train(model, data, e['scratch'], targs.lr, targs, method)
         return model, None, 0.0
     if method.startswith('crl-widths'):
         model = crl.compact(dense, channel_masks(dense, crl_widths, method.split('-')[-1], seed))
@@ -154,13 +153,13 @@ def baseline(method, crl_widths, dense_path, data, fraction, seed, args, targs):
         p = pruner(model, method, args.tp_reg if method == 'tp-group-reg' else args.slim_reg, steps=200)
         if e['sparsity']:  # Torch-Pruning's reproduction trains its sparsity phase without weight decay
             sargs = argparse.Namespace(**{**vars(targs), 'wd': 0.0 if method == 'tp-group-reg' else targs.wd})
-            sparsity_learning(model, p, data, e['sparsity'], sargs, f'{method}-sparsity', teacher)
+            sparsity_learning(model, p, data, e['sparsity'], sargs, f'{method}-sparsity')
         prune_to(model, p, fraction)
     prune_s = time.time() - t0
     model = channels_last(model, data)
     crl.recalibrate_bn(model, data)  # as crl_prune does before its own pre-fine-tune figure
     before = crl.evaluate(model, data)
-    crl.train(model, data, e['finetune'], targs.lr, targs, method, teacher=teacher)
+    crl.train(model, data, e['finetune'], targs.lr, targs, method)
     return model, before, prune_s
 
 
@@ -225,14 +224,11 @@ def main(argv=None):
                    "reproduce/main.py's default)")
     p.add_argument('--slim-reg', type=float, default=1e-4, help="L1 penalty on the BN scales of slimming (the paper's "
                    'value for VGG on CIFAR)')
-    p.add_argument('--distill', type=float, default=0.0, metavar='ALPHA', help="every row's training after the dense "
-                   'checkpoint distils from it with this weight (crl_prune.py --distill)')
     p.add_argument('--device', default='auto')
     p.add_argument('--out', default='bench/out')
     args = p.parse_args(argv)
     common = ['--arch', args.arch, '--width', str(args.width), '--data', args.data, '--subset', str(args.subset),
-              '--batch-size', str(args.batch_size), '--device', args.device, '--log-every', '1000000',
-              '--distill', str(args.distill)]
+              '--batch-size', str(args.batch_size), '--device', args.device, '--log-every', '1000000']
 
     budgeted = [m for m in args.methods if m != 'crl' and m not in FROM_CRL]  # rows that meet the budget themselves
     for budget in args.budgets:  # a bad budget stops here, before any training
@@ -296,7 +292,7 @@ def main(argv=None):
                              'epochs': epochs(method, args.dense_epochs, args.prune_epochs, args.finetune_epochs)}
                 row = {'budget': budget, 'method': label(method), 'seed': seed, 'params': params, 'macs': macs,
                        'params_fraction': params / dp, 'macs_fraction': macs / dm, 'accuracy': acc,
-                       'prune_s': prune_s, 'distill': args.distill, **extra}
+                       'prune_s': prune_s, **extra}
                 print(f"ROW {json.dumps(row)}", flush=True)
                 rows.append(row)
                 with open(rows_path, 'w') as f:
