@@ -1350,15 +1350,17 @@ def fit_latency(model, policy, costs, budget, multiple):
     return mask, {'pruned_ms': small_ms, 'dense_ms': dense_ms}
 
 
+EXPORTS = ('pruned.onnx', 'pruned.pt2', 'pruned.json')  # what --export may write into the run folder
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = get_device(args.device, '--device')
     args.latency_device_t = get_device(args.latency_device, '--latency-device') if args.latency_device else device
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out} is a file; choose a directory")
-    outputs = [os.path.join(args.out, f) for f in ('results.json', 'dense.pt', 'pruned.pt', 'checkpoint.pt')]
-    written = outputs + [os.path.join(args.out, f) for f in ('metrics.csv', 'policy.pt', 'tensorboard', 'pruned.onnx',
-                                                             'pruned.pt2', 'pruned.json')]
+    outputs = [os.path.join(args.out, f) for f in ('results.json', 'dense.pt', 'pruned.pt', 'checkpoint.pt', *EXPORTS)]
+    written = outputs + [os.path.join(args.out, f) for f in ('metrics.csv', 'policy.pt', 'tensorboard')]
     if args.resume and os.path.exists(outputs[0]):
         fail(f"--resume: the run in {args.out} has finished already (results.json)")
     if not (args.overwrite or args.resume) and any(os.path.exists(f) for f in written):
@@ -1410,9 +1412,9 @@ def run(args, device, outputs, checkpoint):
     if data['channels_last']:
         model.to(memory_format=torch.channels_last)
     os.makedirs(args.out, exist_ok=True)
-    for stale in ([] if args.resume else [outputs[0], outputs[3]]):  # --overwrite: the run replaced is gone now,
-        if os.path.exists(stale):  # so an interruption from here on can be resumed
-            os.remove(stale)
+    stale = [] if args.resume else [outputs[0], outputs[3], *outputs[4:]]  # --overwrite: the replaced run's results,
+    for path in filter(os.path.exists, stale):  # checkpoint and exports go now, so an interruption can be resumed
+        os.remove(path)
     metrics = Metrics(args.out, budget_names, args.tensorboard, checkpoint.saved)
     print(f"{args.arch} width {args.width}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(data['train'][1])} train / {len(data['test'][1])} test images, {data['classes']} classes, {device}"

@@ -1203,6 +1203,15 @@ def test_logs_and_exports_of_an_earlier_run_are_not_overwritten(tmp_path, tiny, 
     assert (out / saved).read_text() == 'precious'
 
 
+def test_overwrite_removes_the_exports_of_the_run_it_replaces(tmp_path, tiny):
+    out = tmp_path / 'out'
+    out.mkdir()
+    for name in crl.EXPORTS:
+        (out / name).write_text('the export of an earlier network')
+    crl.main([*TINY, '--data', tiny, '--out', str(out), '--overwrite'])
+    assert (out / 'pruned.pt').exists() and not any((out / name).exists() for name in crl.EXPORTS)
+
+
 PNG = b'\x89PNG\r\n\x1a\n'
 
 
