@@ -35,6 +35,7 @@ M = [  # name, text in crl_prune.py, what replaces it
   "0 if isinstance(obj, torch.Tensor) else obj.load_state_dict(saved)"),
  ('resume repeats the saved epoch', "        return self.state['epoch'] + 1", "        return self.state['epoch']"),
  ('resume logs the redone epochs twice', "if at(r) < limit or at(r) == limit and not r['test_accuracy']]", "]"),
+ ('overwrite leaves old exports', "[outputs[0], outputs[3], *outputs[4:]]", "[outputs[0], outputs[3]]"),
  ('checkpoint written in place', "    torch.save(obj, path + '.tmp')\n    os.replace(path + '.tmp', path)", "    torch.save(obj, path)"),
 ]
 only = sys.argv[1:]
