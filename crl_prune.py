@@ -168,7 +168,7 @@ class ResNet18(nn.Module):
         super().__init__()
         self.group_names = [f'stage{s + 1}' for s in range(4)] + [f'block{b + 1}.conv1' for b in range(8)]
         self.stem = conv_bn(widths, None, 0)
-        # block b belongs to stage b // 2 and reads the stream of the stage before it (stage 1 for the first block)
+        # block b belongs to stage b // 2 and reads the stream of block b - 1's stage (stage 1 for the first block)
         self.blocks = nn.ModuleList(Block(widths, max(b - 1, 0) // 2, 4 + b, b // 2, 2 if b in (2, 4, 6) else 1)
                                     for b in range(8))
         self.fc = Unit(nn.Linear(widths[3], num_classes), nn.Identity(), 3, None)
@@ -257,6 +257,7 @@ def make_costs(model, names):
 
 
 COSTS = ['params', 'macs']
+BUILT_IN = COSTS + ['latency']  # cost names a budget may use without --cost
 
 
 # --- 2b. Measured latency: a per-unit table to predict it during pruning, the compact network timed at the end ----
@@ -461,7 +462,7 @@ def user_cost(spec, model):
     where = f"--cost {spec}"
     if not name.isidentifier() or not path or not fn_name:
         fail(f"{where}: write NAME=path/to/file.py:function")
-    if name in COSTS + ['latency']:
+    if name in BUILT_IN:
         fail(f"{where}: {name!r} is a built-in cost; choose another name")
     if not os.path.isfile(path):
         fail(f"{where}: no such file {path}")
@@ -593,13 +594,15 @@ def keep_top(policy, counts):
 
 
 def rounded(widths, counts, multiple):
-    """Kept counts rounded down to a multiple of `multiple`, at least min(multiple, width) per group."""
-    return [max(k - k % multiple, min(multiple, w)) for w, k in zip(widths, counts)]
+    """Kept counts per group, (..., groups), rounded down to a multiple of `multiple`, at least min(multiple, width)
+    per group (a tensor)."""
+    counts = torch.as_tensor(counts)
+    return torch.maximum(counts - counts % multiple, torch.tensor(widths, device=counts.device).clamp(max=multiple))
 
 
 def minimal_mask(policy, multiple=1):
     """The most probable channel of every group (`multiple` of them): the smallest network there is."""
-    return keep_top(policy, rounded(policy.widths, [1] * len(policy.widths), multiple))
+    return keep_top(policy, rounded(policy.widths, [1] * len(policy.widths), multiple).tolist())
 
 
 def within(policy, costs, budget, mask):
@@ -613,9 +616,8 @@ def final_mask(policy, costs, budget, multiple=1):
     at once, one call of each cost on all of them, so a cost that can fall when a channel is added (measured latency,
     a user's function) still gets the longest prefix within budget."""
     order = policy.theta.detach().argsort(descending=True)
-    floor = torch.tensor(rounded(policy.widths, [1] * len(policy.widths), multiple), device=order.device)
     counts = torch.cat([torch.zeros_like(policy.groups[:1]), policy.groups[order].cumsum(0)]).round().long()
-    counts = torch.maximum(counts - counts % multiple, floor)  # row n: kept widths of the first n channels
+    counts = rounded(policy.widths, counts, multiple)  # row n: kept widths of the first n channels
     ok = torch.stack([c(counts) <= b for c, b in zip(costs.values(), budget.tolist())]).all(0)
     if not ok.any():
         fail(f'the budget is below the smallest network ({multiple} channel(s) per group)')
@@ -988,6 +990,7 @@ class Progress:
 # (bit for bit on the CPU; on a GPU up to its nondeterministic kernels). Every file is written by `save_atomic`.
 
 PHASES = ('dense', 'prune', 'finetune')
+DERIVED_ARGS = ('budget_parsed', 'latency_device_t')  # set from the command line's arguments, not saved with them
 
 
 def rng_state():
@@ -1005,7 +1008,7 @@ class Checkpoint:
     """OUT/checkpoint.pt. `report` holds what finished phases measured; `save` and `restore` take the same named
     objects: those with a state_dict (network, optimiser, scheduler, policy) are saved through it, tensors as such."""
 
-    FREE = ('resume', 'overwrite', 'log_every', 'checkpoint_every', 'budget_parsed', 'latency_device_t')  # may change
+    FREE = ('resume', 'overwrite', 'log_every', 'checkpoint_every', *DERIVED_ARGS)  # may change on --resume
 
     def __init__(self, args=None):  # without args: saves nothing (the loops run alone, e.g. in tests)
         self.state, self.saved, self.report, self.path = None, None, {}, None
@@ -1190,7 +1193,7 @@ def parse_args(argv):
     if args.arch not in ARCHS:
         fail(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
     names = [spec.partition('=')[0] for spec in args.cost]
-    args.budget_parsed = parse_budget(args.budget, COSTS + ['latency'] + names)
+    args.budget_parsed = parse_budget(args.budget, BUILT_IN + names)
     if args.latency_batch < 1:
         fail('--latency-batch must be >= 1')
     for name in ('dense_epochs', 'prune_epochs', 'finetune_epochs', 'subset'):
@@ -1226,7 +1229,7 @@ def parse_args(argv):
 UNITS = {'K': 1e3, 'M': 1e6, 'G': 1e9, 'us': 1e-3, 'ms': 1.0, 's': 1e3}  # counts; latency in ms
 
 
-def parse_budget(text, names=COSTS + ['latency']):
+def parse_budget(text, names=BUILT_IN):
     """'params=0.1,macs=40M,latency=2.5ms' -> {name: (number, unit)}: a plain number is a fraction of the dense
     network in (0, 1]; with a unit it is absolute (K, M, G for counts; us, ms, s for latency), resolved against the
     dense network by `resolve_budget`."""
@@ -1475,7 +1478,7 @@ def run(args, device, outputs, checkpoint):
     (dp, dm), (pp, pm) = measure(model), measure(small)
     fractions = {'params': pp / dp, 'macs': pm / dm}  # counted on the compact network itself
     kept = torch.tensor([small.widths])
-    fractions.update({n: c(kept).item() for n, c in costs.items() if n not in COSTS + ['latency']})  # user costs
+    fractions.update({n: c(kept).item() for n, c in costs.items() if n not in BUILT_IN})  # user costs
     if 'latency' in costs:
         fractions['latency'] = report['latency_measured']['pruned_ms'] / report['latency_measured']['dense_ms']
     results = {
@@ -1494,7 +1497,7 @@ def run(args, device, outputs, checkpoint):
         'multipliers': report['multipliers'],
         'time_s': times, 'images_per_s': {phase: s['images_per_s'] for phase, s in speed.items()},
         'overhead_s': {phase: s['overhead_s'] for phase, s in speed.items()},
-        'args': {k: v for k, v in vars(args).items() if k not in ('budget_parsed', 'latency_device_t')},
+        'args': {k: v for k, v in vars(args).items() if k not in DERIVED_ARGS},
     }
     if 'latency' in costs:
         lat = costs['latency']
