@@ -3,29 +3,32 @@
 Reference implementation of Malik, Haider, Iqbal and Taj, "Neural Network Pruning Through Constrained
 Reinforcement Learning", ICPR 2022 (arXiv:2110.08558).
 
-    python crl_prune.py --arch vgg16 --budget params=0.1
+    python crl_prune.py --arch vgg16 --budget params=0.1                        # the command line (Part II)
+    small = crl_prune.prune_network(model, batches, {'params': 0.1})           # the library call (Part I)
 
 The pruning decision is a policy, one Bernoulli keep-probability per channel, p = sigmoid(theta). A mask m drawn
 from it selects a sub-network. The policy is trained with REINFORCE to maximise the sub-network's reward R(m)
 (minus its cross-entropy) under budgets C_j(m) <= b_j on costs that are only ever *evaluated* (parameters, MACs,
-measured latency), enforced by Lagrange multipliers lambda_j >= 0 updated by dual ascent:
+measured latency, any function of the kept widths), enforced by Lagrange multipliers lambda_j >= 0 (dual ascent):
 
     max_theta  min_{lambda >= 0}  E_{m ~ pi_theta} [ R(m) - sum_j lambda_j (C_j(m) - b_j) ]
 
 Meanwhile the weights keep training on the sampled sub-networks. At the end the most probable channels that fit
 the budget are kept, the network is physically compacted and fine-tuned.
 
-Sections, in pipeline order:
-  1. Models with channel masks      VGG11/13/16/19 and ResNet18 for 32x32 images
-  2. Costs as black-box functions   parameters and MACs (exact), measured latency (a per-unit table), any user function
-  3. The policy                     one Bernoulli keep-probability per channel
-  4. REINFORCE with a baseline      on the Lagrangian reward
-  5. The dual step                  projected, damped ascent on the multipliers
-  6. The final mask                 the most probable channels within the budget
-  7. Physical compaction            the smaller network, same outputs; saving, loading, export
-  8. Data and training loops        whole dataset on the device, augmentation as tensor ops; metrics.csv;
-                                    checkpoints that --resume continues from
-  9. Command line                   checks every input before any long work, then runs the pipeline
+PART I, THE METHOD: self-contained; stop reading at its end and you have all of CRL, ready to copy.
+  1. Masked networks      Unit: a conv or linear layer and its BN, whose output channels a mask can zero
+  2. Two worked examples  VGG and ResNet18 for CIFAR, built of Units
+  3. Costs                exact parameters and MACs of any network of Units, as functions of the kept widths
+  4. The policy           one Bernoulli keep-probability per channel
+  5. REINFORCE            with a leave-one-out baseline, on the Lagrangian reward
+  6. The dual step        projected, damped ascent on the multipliers
+  7. The loops            one pruning step; the pruning loop; supervised training (dense, fine-tuning)
+  8. The final mask       the most probable channels within every budget
+  9. Compaction           the smaller network, same outputs
+ 10. prune_network        the library call: all of the above on your network
+PART II, THE TOOL: data, measured latency, user cost files, progress, checkpoints, saving and export, inference
+speed, and the command line that runs the whole pipeline on CIFAR or an image folder.
 """
 import argparse
 import copy
@@ -45,9 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def fail(message):
-    """Every bad input ends here: one line on stderr, exit status 1."""
-    raise SystemExit(f"crl_prune: error: {message}")
+class CRLError(ValueError):
+    """Bad input, named in one line. The library raises it; the command line prints it and exits with status 1."""
 
 
 def first_line(e):
@@ -55,14 +57,16 @@ def first_line(e):
     return (str(e).strip().splitlines() or [''])[0][:200]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 1. Models with channel masks
-# ---------------------------------------------------------------------------------------------------------------------
-# A *group* is a set of channels that are removed together: each channel of a group has one mask entry. Every layer is
-# a Unit that knows which group its output channels (`out`) and its input channels (`inp`) belong to; None means the
-# image or the class scores, which are never pruned. That one fact drives masking here, counting (section 2) and
-# compaction (section 7): dim 0 of every tensor of a unit follows its `out` group, dim 1 its `inp` group.
-# Channels that a residual addition sums must vanish together, so they share one group.
+# =====================================================================================================================
+# PART I: THE METHOD
+# =====================================================================================================================
+
+# --- 1. Masked networks ----------------------------------------------------------------------------------------------
+# A *group* is a set of channels that are removed together; a mask has one entry per channel of every group. Every
+# prunable layer is a Unit that knows which group its output channels (`out`) and its input channels (`inp`) belong
+# to; None means channels that are never pruned (the image, the class scores). That one fact drives masking here,
+# counting (section 3) and compaction (section 9): dim 0 of every tensor of a unit follows its `out` group, dim 1
+# its `inp` group. Channels that a residual addition sums must vanish together, so they share one group.
 # Masks come as one (K, width) tensor per group: the batch is K equal slices, slice k runs sub-network k. In training,
 # BatchNorm takes its statistics over each slice separately, so a sub-network's outputs (and its reward) depend on its
 # own mask and images only, never on the other masks of the batch, and match what the compact network computes.
@@ -80,15 +84,31 @@ def batch_norm_per_slice(bn, y, k):
             bn.running_var.lerp_(var.mean(0).flatten() * n / max(n - 1, 1), bn.momentum)
             bn.num_batches_tracked += 1
     shape = (1, 1, -1) + (1,) * (z.dim() - 3)
-    return ((z - mean) * torch.rsqrt(var + bn.eps) * bn.weight.view(shape) + bn.bias.view(shape)).flatten(0, 1)
+    weight = bn.weight.view(shape) if bn.affine else 1
+    bias = bn.bias.view(shape) if bn.affine else 0
+    return ((z - mean) * torch.rsqrt(var + bn.eps) * weight + bias).flatten(0, 1)
 
 
 class Unit(nn.Module):
-    """conv or linear layer -> BN, then the mask of group `out`: a masked channel outputs exactly zero."""
+    """conv or linear `layer` -> `bn` (a BatchNorm or nn.Identity), then the mask of group `out`: a masked channel
+    outputs exactly zero. A depthwise convolution (groups = input = output channels) maps channel c to channel c, so
+    its unit reads and writes one group (inp == out); other grouped convolutions cannot be pruned by channel."""
 
     def __init__(self, layer, bn, inp, out):
         super().__init__()
         self.layer, self.bn, self.inp, self.out = layer, bn, inp, out
+        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            raise CRLError(f"a Unit's layer must be a convolution or nn.Linear, not {type(layer).__name__}")
+        if not isinstance(bn, (nn.modules.batchnorm._BatchNorm, nn.Identity)):
+            raise CRLError(f"a Unit's bn must be a BatchNorm or nn.Identity, not {type(bn).__name__}")
+        g = getattr(layer, 'groups', 1)
+        self.depthwise = g > 1 and g == layer.in_channels == layer.out_channels
+        if g > 1 and not self.depthwise:
+            raise CRLError(f"{layer}: a grouped convolution cannot lose single channels; only depthwise ones "
+                           f"(groups = in = out channels) can")
+        if self.depthwise and inp != out:
+            raise CRLError(f"{layer}: a depthwise convolution keeps input channel c as output channel c, so its Unit "
+                           f"must read and write one group (inp={inp}, out={out} given)")
 
     def forward(self, x, masks=None):
         y = self.layer(x)
@@ -101,9 +121,32 @@ class Unit(nn.Module):
         return (y.view(k, -1, *y.shape[1:]) * m.view(k, 1, -1, *[1] * (y.dim() - 2)).to(y.dtype)).flatten(0, 1)
 
     def dim_groups(self, t):
-        """(dim, group) pairs of one of this unit's tensors: dim 0 follows the output group, dim 1 the input group."""
-        return [(d, g) for d, g in ((0, self.out), (1, self.inp)) if d < t.dim() and g is not None]
+        """(dim, group) pairs of one of this unit's tensors: dim 0 follows the output group, dim 1 the input group
+        (not in a depthwise convolution, whose weight has one input channel per output channel)."""
+        pairs = [(0, self.out)] + ([] if self.depthwise else [(1, self.inp)])
+        return [(d, g) for d, g in pairs if d < t.dim() and g is not None]
 
+
+def units(model):
+    return [m for m in model.modules() if isinstance(m, Unit)]
+
+
+def group_widths(model):
+    """Channels of every group, read off the Units; a group no Unit produces, or one with two sizes, is an error."""
+    widths, produced = {}, set()
+    for u in units(model):
+        w = u.layer.weight
+        for g, c in ((u.out, w.shape[0]), (u.inp, w.shape[1] * getattr(u.layer, 'groups', 1))):
+            if g is not None and widths.setdefault(g, c) != c:
+                raise CRLError(f"group {g} has {widths[g]} channels in one Unit and {c} in another ({u.layer})")
+        produced.add(u.out)
+    if sorted(widths) != list(range(len(widths))) or not set(widths) <= produced:
+        raise CRLError(f"groups must be numbered 0..G-1 and each be some Unit's `out`; found {sorted(widths)}, "
+                       f"produced {sorted(g for g in produced if g is not None)}")
+    return [widths[g] for g in range(len(widths))]
+
+
+# --- 2. Two worked examples: VGG and ResNet18 for 32x32 images --------------------------------------------------------
 
 def conv_bn(widths, inp, out, stride=1, k=3):
     cin = 3 if inp is None else widths[inp]
@@ -140,7 +183,7 @@ class VGG(nn.Module):
             x = F.relu(conv(x, masks))
             if i in self.pool_after:
                 x = F.max_pool2d(x, 2)
-        x = F.relu(self.fc1(x.flatten(1), masks))  # 32x32 input: 1x1 after five pools
+        x = F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1).flatten(1), masks))  # 32x32 input: already 1x1 here
         return self.fc2(x, masks)
 
 
@@ -188,178 +231,671 @@ def dense_widths(arch, width=1.0):
 
 
 def build(arch, widths, num_classes):
-    """The network with `widths` channels per group: dense widths give the dense network, kept widths the compact
-    one."""
+    """The built-in network `arch` with `widths` channels per group."""
     model = (ResNet18 if arch == 'resnet18' else VGG)(arch, widths, num_classes)
-    model.arch, model.widths, model.num_classes = arch, list(widths), num_classes
+    model.arch, model.num_classes = arch, num_classes
     return model
 
 
-def units(model):
-    return [m for m in model.modules() if isinstance(m, Unit)]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 2. Costs as black-box functions of the kept channels
-# ---------------------------------------------------------------------------------------------------------------------
+# --- 3. Costs: exact functions of the kept widths ---------------------------------------------------------------------
 # A cost maps the kept widths of K candidate networks, a (K, groups) tensor, to K fractions of the dense network's
-# cost. The pruning loop only evaluates costs, never differentiates them, so any function of the kept widths plugs in
-# the same way (e.g. latency measured on the compact network). Parameters count every tensor of the compact network,
-# BN and classifier included; MACs count conv and linear layers (weight elements x output positions).
+# cost. The method only ever evaluates costs, never differentiates them, so any function of the kept widths plugs in
+# the same way (measured latency and users' functions in Part II). Parameters count every tensor of the network, BN
+# and classifier included; MACs count conv and linear layers (weight elements x output positions).
+COSTS = ['params', 'macs']
+
 
 @torch.no_grad()
-def output_positions(model, kinds):
-    """H*W of the output of every module of `kinds` (1 for linear layers), from one forward pass of a 32x32 image."""
-    sizes, was_training = {}, model.training
-    hooks = [m.register_forward_hook(lambda m, i, o: sizes.__setitem__(m, o[0, 0].numel()))
-             for m in model.modules() if isinstance(m, kinds)]
-    model.eval()(torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device))
-    for h in hooks:
-        h.remove()
-    model.train(was_training)
+def output_positions(model, input_shape):
+    """Output positions (H*W; 1 for a linear layer) of every conv and linear layer, from one input of `input_shape`."""
+    sizes, training = {}, model.training
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.__setitem__(m, o[0].numel() // m.weight.shape[0]))
+             for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    try:
+        model.eval()(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(training)
     return sizes
 
 
-def measure(model):
-    """Parameters and MACs counted on a network itself: the figures reported for the dense and the compact network."""
-    macs = sum(m.weight.numel() * n for m, n in output_positions(model, (nn.Conv2d, nn.Linear)).items())
+def count(model, input_shape=(3, 32, 32)):
+    """(parameters, MACs) counted on a network itself: the figures reported for the dense and the compact one."""
+    macs = sum(m.weight.numel() * n for m, n in output_positions(model, input_shape).items())
     return sum(p.numel() for p in model.parameters()), macs
 
 
-def make_costs(model, names):
-    """{name: C(widths) -> fraction of the dense `model`} for the requested cost names ('params', 'macs').
+def make_costs(model, names=COSTS, input_shape=(3, 32, 32)):
+    """{name: C(widths) -> fraction of the dense `model`} for 'params' and 'macs', exact for any network of Units.
 
     Every tensor of a unit has (its fixed dims) x (kept width of its output group) x (kept width of its input group)
     elements, so both counts are polynomials of degree 2 in the kept widths w: with w' = (1, w),
-    count(w) = w'^T M w', one (groups + 1)^2 matrix M per cost, built once here. A step's K candidates then cost one
-    einsum, exactly (integers in float64)."""
-    g = len(model.widths)
-    matrices = {name: torch.zeros(g + 1, g + 1, dtype=torch.float64) for name in COSTS}
-    for unit, positions in output_positions(model, Unit).items():
+    count(w) = w'^T M w', one (groups + 1)^2 matrix M per cost, built once here (tensors outside Units are constant).
+    A step's K candidates then cost one einsum, exactly (integers in float64). Checked once against the counts of a
+    compacted network, so a layer outside the Units that reads pruned channels is an error, not a wrong count."""
+    widths, positions = group_widths(model), output_positions(model, input_shape)
+    matrices = {name: torch.zeros(len(widths) + 1, len(widths) + 1, dtype=torch.float64) for name in COSTS}
+    seen = set()
+    for unit in units(model):
         for name, t in unit.named_parameters():
             groups = dict(unit.dim_groups(t))  # a dim that follows a group has that group's kept width
             fixed = math.prod(size for d, size in enumerate(t.shape) if d not in groups)
-            i, j = ([1 + gr for gr in groups.values()] + [0, 0])[:2]  # index 0 of w' is the constant 1
+            i, j = ([1 + g for g in groups.values()] + [0, 0])[:2]  # index 0 of w' is the constant 1
             matrices['params'][i, j] += fixed
             if name == 'layer.weight':  # MACs: weight elements x output positions
-                matrices['macs'][i, j] += fixed * positions
+                matrices['macs'][i, j] += fixed * positions[unit.layer]
+            seen.add(id(t))
+    matrices['params'][0, 0] += sum(p.numel() for p in model.parameters() if id(p) not in seen)
+    matrices['macs'][0, 0] += sum(m.weight.numel() * n for m, n in positions.items() if id(m.weight) not in seen)
 
-    def count(widths, m):  # widths: (..., groups) -> exact count of the network that keeps them
+    def evaluate(widths, m):  # (..., groups) -> exact count of the network that keeps them
         w = torch.cat([torch.ones_like(widths[..., :1]), widths], -1).to(m)
         return torch.einsum('...i,ij,...j->...', w, m, w)
 
+    dense, probe = torch.tensor(widths), [torch.arange(w) % 2 == 0 for w in widths]  # every other channel kept
+    try:
+        small = count(compact(model, probe), input_shape)
+    except RuntimeError as e:
+        raise CRLError(f"a compacted {type(model).__name__} does not run ({first_line(e)}): a layer outside the "
+                       f"Units reads pruned channels; make it part of a Unit") from None
+    for (name, m), counted in zip(matrices.items(), small):
+        if evaluate(torch.stack([p.sum() for p in probe]), m).item() != counted:
+            raise CRLError(f"the {name} of a compacted {type(model).__name__} are not what its Units predict: a "
+                           f"layer outside the Units reads or writes pruned channels; make it part of a Unit")
+
     def fraction(name):
-        m, dense = matrices[name], count(torch.tensor(model.widths), matrices[name]).item()
+        m, total = matrices[name], evaluate(dense, matrices[name]).item()
         on = {}  # a copy of M per device, made once
-        return lambda widths: count(widths, on.setdefault(widths.device, m.to(widths.device))) / dense
+        return lambda widths: evaluate(widths, on.setdefault(widths.device, m.to(widths.device))) / total
 
     return {name: fraction(name) for name in names}
 
 
-COSTS = ['params', 'macs']
-BUILT_IN = COSTS + ['latency']  # cost names a budget may use without --cost
+# --- 4. The policy: pi_theta(m) = prod_c Bernoulli(m_c; p_c),  p = sigmoid(theta), one entry per channel ---------------
+
+class Policy(nn.Module):
+    def __init__(self, widths, init_keep=0.9):
+        super().__init__()
+        self.widths = list(widths)
+        self.theta = nn.Parameter(torch.full((sum(widths),), math.log(init_keep / (1 - init_keep))))
+        # channel -> group one-hot matrix: kept widths of K masks are one matrix product
+        self.register_buffer('groups', torch.repeat_interleave(torch.eye(len(widths)), torch.tensor(widths), 0),
+                             persistent=False)
+
+    def sample(self, k):
+        """k masks, a (k, channels) tensor of zeros and ones."""
+        p = torch.sigmoid(self.theta.detach()).nan_to_num(0.5)  # NaN logits: caught at the end of the epoch
+        return torch.bernoulli(p.expand(k, -1))
+
+    def log_prob(self, masks):
+        """log pi(m) = sum_c m_c log p_c + (1 - m_c) log(1 - p_c), one value per mask."""
+        return -F.binary_cross_entropy_with_logits(self.theta.expand_as(masks), masks, reduction='none').sum(-1)
+
+    def split(self, masks):
+        """One (k, width) block per group, the form the models take."""
+        return masks.split(self.widths, -1)
+
+    def kept(self, masks):
+        """Kept widths per group, the input of every cost (of mean widths, for keep-probabilities)."""
+        return (masks @ self.groups).round().long()
 
 
-# --- 2b. Measured latency: a per-unit table to predict it during pruning, the compact network timed at the end ----
-# Each unit (conv or linear, BN, ReLU) is timed alone on the target device at a small grid of kept (input, output)
-# widths; bilinear interpolation fills in every width pair. Units timed alone do not add up to the whole network
-# (pools, additions, per-call overheads, caches), so whole networks at ten widths are timed too and the prediction is
-# a * (sum over units) + b, fit to them by least squares; a candidate's cost is its prediction over the dense
-# network's prediction. A step's K candidates cost one gather over the flattened tables. The prediction only steers
-# the policy; the budget is checked by timing the compact network itself, in turns with the dense one (`fit_latency`).
+# --- 5. REINFORCE with a baseline on the Lagrangian reward ------------------------------------------------------------
+
+def reinforce_loss(policy, masks, reward, cost, budget, lam):
+    """Surrogate loss whose gradient is minus the policy gradient of the Lagrangian, for K masks.
+    reward: (K,), cost: (K, J) values C_j(m_k), budget and lam: (J,)."""
+    lagrangian = reward - (cost - budget) @ lam           # L_k = R_k - sum_j lambda_j (C_j(m_k) - b_j)
+    k = len(lagrangian)
+    advantage = (lagrangian - lagrangian.mean()) * k / (k - 1)  # L_k - b_k, b_k = mean of the other K-1 (unbiased)
+    return -(advantage.detach().float() * policy.log_prob(masks)).mean()  # grad: -mean_k (L_k - b_k) grad log pi(m_k)
+
+
+# --- 6. The dual step -------------------------------------------------------------------------------------------------
+# Plain projected ascent, lambda_j <- max(0, lambda_j + eta (mean_k C_j(m_k) - b_j)), integrates the violation: while
+# the cost starts far over a small budget (0.8 against 0.1, say) lambda grows for a long time, and once the budget is
+# met it can shrink only by eta * b_j per step, so the policy keeps being pushed far below the budget. Two changes
+# damp this. The violation is measured relative to the budget and clipped, e = clip((C - b) / b, -1, 1), so lambda
+# winds down below the budget as fast as it wound up above it, whatever the budget. And a term proportional to the
+# current violation (Platt & Barr 1988; the PI-Lagrangian of Stooke et al. 2020) takes pressure off as soon as the
+# cost nears the budget.
+
+def dual_step(integral, cost, budget, eta, damping):
+    """Returns the new integral term and the multipliers lambda_j = max(0, I_j + damping * e_j)."""
+    error = ((cost - budget) / budget).clamp(-1, 1)
+    integral = (integral + eta * error).clamp(min=0)   # I_j <- max(0, I_j + eta e_j): projected dual ascent
+    return integral, (integral + damping * error).clamp(min=0)
+
+
+# --- 7. The loops -----------------------------------------------------------------------------------------------------
+# Both loops report to an optional callback(event), a dict: after every step {'phase', 'epoch', 'epochs', 'step',
+# 'steps', 'loss', 'logits', 'labels', 'cost' (pruning: the K sampled costs), 'objects'}, and at the end of every
+# epoch the same with 'step': None. 'objects' holds what the rest of the run depends on (network, optimisers, policy,
+# multipliers): a checkpoint saves them, and an optional resume(phase, objects) loads them back and returns the
+# epoch to continue from. Part II builds progress lines, metrics and checkpoints on these two hooks.
+
+def pruning_step(model, policy, costs, budget, integral, lam, x, y, opt_w, opt_p, samples=8, dual_lr=0.01,
+                 damping=10.0, bf16=False):
+    """One CRL step on the images x: sample K masks and score all K sub-networks in one forward pass (slice k of the
+    batch is the same images under mask k: common random numbers, rewards differ only through the masks), then
+    update the weights (SGD on the sub-networks' mean cross-entropy, so they adapt to them), the policy (REINFORCE)
+    and, in place, the multipliers (dual step). Returns the loss, the logits and the K sampled costs (K, J)."""
+    masks = policy.sample(samples)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+        logits = model(torch.cat([x] * samples), policy.split(masks))  # cat keeps channels_last
+    ce = F.cross_entropy(logits.float(), y.repeat(samples), reduction='none').view(samples, -1).mean(1)
+    cost = torch.stack([c(policy.kept(masks)) for c in costs.values()], 1)  # C_j(m_k), evaluated, not differentiated
+    opt_w.zero_grad(set_to_none=True)
+    opt_p.zero_grad(set_to_none=True)
+    (ce.mean() + reinforce_loss(policy, masks, -ce.detach(), cost, budget, lam)).backward()  # reward R_k = -ce_k
+    opt_w.step()
+    opt_p.step()
+    new_integral, new_lam = dual_step(integral, cost.mean(0), budget, dual_lr, damping)
+    integral.copy_(new_integral)
+    lam.copy_(new_lam)
+    return ce.mean().detach(), logits.detach(), cost
+
+
+def sgd(model, lr, weight_decay, steps):
+    """SGD with Nesterov momentum and weight decay, learning rate on a cosine from `lr` to 0 over `steps`."""
+    opt = torch.optim.SGD(model.parameters(), lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1)))  # noqa: E731
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+
+
+def prune(model, costs, budget, batches, epochs=10, *, samples=8, lr=0.02, weight_decay=5e-4, policy_lr=0.2,
+          dual_lr=0.01, damping=10.0, init_keep=0.9, policy=None, bf16=False, compile=False, callback=None,
+          resume=None):
+    """The pruning loop: every step of every epoch a `pruning_step` on a batch of `batches` (re-iterable, with a
+    len: a list or a DataLoader of (images, labels); each batch runs K = `samples` times). costs: {name: C(widths)},
+    budget: fractions in the same order. Returns the policy (a new one unless given) and the multipliers."""
+    device = next(model.parameters()).device
+    budget = torch.as_tensor(budget, dtype=torch.float64, device=device)
+    policy = (policy or Policy(group_widths(model), init_keep)).to(device)
+    opt_w, sched = sgd(model, lr, weight_decay, epochs * len(batches))
+    opt_p = torch.optim.Adam(policy.parameters(), policy_lr)
+    integral, lam = torch.zeros_like(budget), torch.zeros_like(budget)
+    objects = dict(model=model, policy=policy, opt_w=opt_w, opt_p=opt_p, sched=sched, integral=integral, lam=lam)
+    net = torch.compile(model) if compile else model
+    model.train()
+    for epoch in range(resume('prune', objects) if resume else 1, epochs + 1):
+        event = dict(phase='prune', epoch=epoch, epochs=epochs, steps=len(batches), objects=objects)
+        for step, (x, y) in enumerate(batches, 1):
+            loss, logits, cost = pruning_step(net, policy, costs, budget, integral, lam, x, y, opt_w, opt_p, samples,
+                                              dual_lr, damping, bf16)
+            sched.step()
+            if callback:
+                callback({**event, 'step': step, 'loss': loss, 'logits': logits, 'labels': y.repeat(samples),
+                          'cost': cost})
+        if not (torch.isfinite(lam).all() and torch.isfinite(policy.theta).all()):
+            raise CRLError(f"prune epoch {epoch}: the multipliers or the policy became NaN or inf; lower the dual "
+                           f"or policy learning rate or the damping")
+        if callback:
+            callback({**event, 'step': None})
+    return policy, lam
+
+
+def train(model, batches, epochs, lr=0.1, *, weight_decay=5e-4, bf16=False, compile=False, phase='train',
+          callback=None, resume=None):
+    """Supervised training of a whole network (the dense one, then the compact one), its BN statistics measured
+    afresh on the final weights at the end (a short phase leaves its running averages far from them)."""
+    opt, sched = sgd(model, lr, weight_decay, epochs * len(batches))
+    objects = dict(model=model, opt=opt, sched=sched)
+    net = torch.compile(model) if compile else model
+    model.train()
+    for epoch in range(resume(phase, objects) if resume else 1, epochs + 1):
+        event = dict(phase=phase, epoch=epoch, epochs=epochs, steps=len(batches), objects=objects)
+        for step, (x, y) in enumerate(batches, 1):
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if callback:
+                callback({**event, 'step': step, 'loss': loss.detach(), 'logits': logits.detach(), 'labels': y})
+        if epoch == epochs:  # before the epoch's callback, so that a checkpoint of it holds the statistics
+            recalibrate_bn(model, batches, bf16=bf16)
+        if callback:
+            callback({**event, 'step': None})
+    return model
+
 
 @torch.no_grad()
-def time_forward(net, x, run, repeats=20, warmup=3):
-    """Seconds of net(x) with the run's precision (`numerics`): warm-up, then the median of `repeats` calls (CUDA
-    events on a GPU)."""
+def recalibrate_bn(model, batches, count=20, bf16=False):
+    """BN running statistics of the network itself, averaged over `count` training batches: after pruning they
+    replace the statistics that many sampled masks accumulated together in the dense network."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches below
+    model.train()
+    for _, (x, _) in zip(range(count), batches):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+            model(x)
+    for m in bns:
+        m.momentum = 0.1
+
+
+# --- 8. The final mask: most probable channels first, as many as every budget allows, at least one per group ---------
+# With `multiple` > 1 every group keeps a multiple of that many channels (a group narrower than that keeps all of its
+# channels): a GPU's tensor cores run bf16 convolutions fast only on such widths.
+
+def keep_top(policy, counts):
+    """The mask that keeps, in every group, its counts[g] most probable channels."""
+    theta = policy.theta.detach()
+    m, start = torch.zeros_like(theta), 0
+    for w, k in zip(policy.widths, counts):
+        m[start + theta[start:start + w].topk(k).indices] = 1
+        start += w
+    return m
+
+
+def rounded(widths, counts, multiple):
+    """Kept counts per group, (..., groups), rounded down to a multiple of `multiple`, at least min(multiple, width)
+    per group (a tensor)."""
+    counts = torch.as_tensor(counts)
+    return torch.maximum(counts - counts % multiple, torch.tensor(widths, device=counts.device).clamp(max=multiple))
+
+
+def within(costs, budget, kept):
+    """Whether the network that keeps the widths `kept` (one row) meets every budget."""
+    return all(c(kept.view(1, -1))[0].item() <= b for c, b in zip(costs.values(), budget.tolist()))
+
+
+def prefixes(policy, multiple=1):
+    """Kept widths of every prefix of the ranking by keep-probability, row n: the first n channels (rounded)."""
+    order = policy.theta.detach().argsort(descending=True)
+    counts = torch.cat([torch.zeros_like(policy.groups[:1]), policy.groups[order].cumsum(0)]).round().long()
+    return rounded(policy.widths, counts, multiple)
+
+
+def final_mask(policy, costs, budget, multiple=1):
+    """Rank channels by keep-probability and keep the longest prefix of the ranking that meets every budget (its
+    counts rounded to `multiple` per group). Every prefix is evaluated at once, one call of each cost on all of them,
+    so a cost that can fall when a channel is added (measured latency, a user's function) still gets the longest."""
+    counts = prefixes(policy, multiple)
+    ok = torch.stack([c(counts) <= b for c, b in zip(costs.values(), budget.tolist())]).all(0)
+    if not ok.any():
+        raise CRLError(f'the budget is below the smallest network ({multiple} channel(s) per group)')
+    return keep_top(policy, counts[ok.nonzero().max()].tolist())
+
+
+# --- 9. Compaction: the smaller network, same outputs -----------------------------------------------------------------
+
+@torch.no_grad()
+def compact(model, masks):
+    """A copy of `model` keeping the channels where `masks` (one 0/1 vector per group) is 1: every tensor of every
+    Unit sliced along the dims that follow a group, the layers' sizes updated. In eval mode it computes what `model`
+    computes under those masks; any network of Units, no registry."""
+    keep = [m.nonzero().squeeze(1).to(next(model.parameters()).device) for m in masks]
+    small = copy.deepcopy(model)
+    for u in units(small):
+        for module in (u.layer, u.bn):
+            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                sliced = t
+                for d, g in u.dim_groups(t):
+                    sliced = sliced.index_select(d, keep[g])
+                setattr(module, name, nn.Parameter(sliced, t.requires_grad) if isinstance(t, nn.Parameter) else sliced)
+        w = u.layer.weight
+        if isinstance(u.layer, nn.Linear):
+            u.layer.out_features, u.layer.in_features = w.shape[:2]
+        else:
+            u.layer.out_channels, u.layer.in_channels = w.shape[0], w.shape[1] * u.layer.groups
+            if u.depthwise:
+                u.layer.groups = u.layer.in_channels = w.shape[0]
+        if hasattr(u.bn, 'num_features'):
+            u.bn.num_features = w.shape[0]
+    return small
+
+
+# --- 10. prune_network: the library call -----------------------------------------------------------------------------
+
+def prune_network(model, batches, budget, *, costs=None, input_shape=None, prune_epochs=10, prune_lr=0.02,
+                  finetune_epochs=10, lr=0.1, finetune_batches=None, multiple=1, bf16=False, callback=None,
+                  **options):
+    """Prune `model`, a network of Units whose forward takes (x, masks=None), under `budget`, {cost name: fraction
+    of the dense network in (0, 1]}, e.g. {'params': 0.1} or {'macs': 0.3, 'energy': 0.5}. Returns the compact
+    network, fine-tuned for `finetune_epochs` at `lr` on `finetune_batches` (default: `batches`).
+    batches: re-iterable (images, labels) batches on the model's device, with a len; a pruning step runs its batch
+    K times, so batches of batch_size / K images keep the work of a plain step. costs: more {name: C(widths)}
+    (section 3); 'params' and 'macs' are built in, counted at `input_shape` (default: the batches' image shape).
+    options: the other keywords of `prune` (samples, policy_lr, dual_lr, damping, init_keep, weight_decay, ...).
+    Bad input raises CRLError before any training."""
+    names = list(budget)
+    input_shape = tuple(input_shape or next(iter(batches))[0].shape[1:])
+    costs = {**make_costs(model, [n for n in names if n in COSTS], input_shape), **(costs or {})}
+    unknown = [n for n in names if n not in costs]
+    if unknown or not names:
+        raise CRLError(f"budget {budget}: no cost named {unknown or 'at all'}; give params, macs or one of `costs`")
+    if not all(0 < budget[n] <= 1 for n in names):
+        raise CRLError(f"budget {budget}: every value is a fraction of the dense network, in (0, 1]")
+    costs, fractions = {n: costs[n] for n in names}, torch.tensor([budget[n] for n in names], dtype=torch.float64)
+    widths = group_widths(model)
+    if not within(costs, fractions, rounded(widths, [1] * len(widths), multiple)):
+        raise CRLError(f"budget {budget}: infeasible, even {multiple} channel(s) per group cost more")
+    policy, _ = prune(model, costs, fractions, batches, prune_epochs, lr=prune_lr, bf16=bf16, callback=callback,
+                      **options)
+    small = compact(model, policy.split(final_mask(policy, costs, fractions, multiple)))
+    recalibrate_bn(small, batches, bf16=bf16)
+    return train(small, finetune_batches or batches, finetune_epochs, lr, bf16=bf16, phase='finetune',
+                 callback=callback)
+
+
+# =====================================================================================================================
+# END OF PART I. What follows is the tool: data, latency, user costs, progress, checkpoints, export, command line.
+# =====================================================================================================================
+
+# =====================================================================================================================
+# PART II: THE TOOL
+# =====================================================================================================================
+# 11. Data                 the whole dataset on the device, augmentation as tensor ops, batches as Part I takes them
+# 12. Measured latency     a per-unit table to predict it while pruning; the final mask found by timing
+# 13. User cost files      --cost NAME=file.py:function
+# 14. Progress, metrics and checkpoints, as callbacks of Part I's loops
+# 15. Saving, loading, export and inference speed
+# 16. The command line     every input checked before any long work, then the pipeline phase by phase
+
+def fail(message):
+    raise CRLError(message)
+
+
+# --- 11. Data ---------------------------------------------------------------------------------------------------------
+# The whole dataset lives on the device as one uint8 tensor; batches are gathered, normalised and augmented there as
+# batched tensor ops (no per-image PIL work, no DataLoader). On CUDA: channels_last and bf16 autocast (`Numerics`).
+
+class Numerics:
+    """How networks run: the device, bf16 autocast (matrix products in bfloat16; losses, rewards and costs in
+    float32/float64) and the channels_last memory format. 'auto' turns both on on CUDA and off elsewhere; 'on' and
+    'off' force them on any device, so the CPU tests exercise the GPU path."""
+
+    def __init__(self, device, bf16='auto', channels_last='auto'):
+        pick = lambda v: device.type == 'cuda' if v == 'auto' else v in ('on', True)  # noqa: E731
+        self.device, self.bf16, self.channels_last = device, pick(bf16), pick(channels_last)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def place(self, model):
+        """`model` on the device, in the memory format."""
+        model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def random_input(self, batch, shape):
+        """Random input of `shape` (C, H, W) or (C,), in the memory format, on the device."""
+        x = torch.randn(batch, *shape, device=self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def describe(self):
+        return {'device': str(self.device), 'bf16': self.bf16, 'channels_last': self.channels_last}
+
+
+def read_image(path):
+    """One image as a (32, 32, 3) uint8 array. 16-bit grey images are scaled to 8 bits (PIL's RGB conversion would
+    saturate them); an alpha channel is dropped, as torchvision's loader does. An unreadable file is a one-line
+    error naming it."""
+    import numpy as np
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode.startswith('I'):  # 16- or 32-bit integer pixels
+                a = np.asarray(img).astype(np.float64)
+                img = Image.fromarray((a * 255 / (65535 if a.max() > 255 else 255)).clip(0, 255).astype(np.uint8))
+            return np.asarray(img.convert('RGB').resize((32, 32)))
+    except OSError as e:
+        fail(f"--data: cannot read image {path} ({first_line(e)})")
+
+
+@functools.lru_cache(maxsize=4)  # a process that runs main() many times (bench/compare.py) decodes each folder once
+def read_image_folder(root):
+    """An ImageFolder directory as (uint8 images (N, 3, 32, 32), labels, class names); images resized to 32x32,
+    decoded by a pool of threads (PIL releases the GIL while it decodes)."""
+    import numpy as np
+    import torchvision
+    from concurrent.futures import ThreadPoolExecutor
+    ds = torchvision.datasets.ImageFolder(root)
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        x = np.stack(list(pool.map(lambda s: read_image(s[0]), ds.samples, chunksize=256)))
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
+
+
+def image_folder_splits(data):
+    """train/ and test/ (or val/) of an ImageFolder directory and its class names, checked without reading any
+    image."""
+    test = next((os.path.join(data, s) for s in ('test', 'val') if os.path.isdir(os.path.join(data, s))), None)
+    if not os.path.isdir(os.path.join(data, 'train')) or test is None:
+        fail(f"--data {data}: expected an ImageFolder directory with train/ and test/ (or val/) subfolders")
+    import torchvision
+    classes = []
+    for split in (os.path.join(data, 'train'), test):
+        try:
+            classes.append(torchvision.datasets.ImageFolder(split).classes)
+        except (FileNotFoundError, OSError) as e:
+            fail(f"--data {data}: {split} holds no images in class subfolders ({first_line(e)})")
+    if classes[0] != classes[1]:
+        fail(f"--data {data}: train/ and test/ have different classes")
+    return os.path.join(data, 'train'), test, classes[0]
+
+
+def load_data(args, numerics):
+    """{'train': (x, y), 'test': (x, y), 'classes': names, 'mean': ..., 'std': ..., 'numerics': ...}, the images
+    uint8 on the device."""
+    if args.data:
+        train_dir, test_dir, _ = image_folder_splits(args.data)
+        (xtr, ytr, classes), (xte, yte, _) = read_image_folder(train_dir), read_image_folder(test_dir)
+    else:
+        import torchvision
+        cls = torchvision.datasets.CIFAR10 if args.dataset == 'cifar10' else torchvision.datasets.CIFAR100
+        try:
+            tr, te = (cls(args.data_root, train=t, download=True) for t in (True, False))
+        except Exception as e:
+            fail(f"could not download {args.dataset} into {args.data_root} ({type(e).__name__}); without internet, "
+                 f"pass --data DIR, a folder of images in ImageFolder layout (train/ and test/)")
+        (xtr, ytr), (xte, yte) = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets))
+                                  for d in (tr, te)]
+        classes = tr.classes
+    if args.subset > len(xtr):
+        fail(f"--subset {args.subset}: the training set has only {len(xtr)} images")
+    if args.subset:
+        keep = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))[:args.subset]
+        xtr, ytr = xtr[keep], ytr[keep]
+    if len(xtr) < args.batch_size:  # BatchNorm needs whole batches (BN1d after fc1: more than one value per channel)
+        fail(f"{len(xtr)} training images, fewer than one batch (--batch-size {args.batch_size}); lower --batch-size "
+             f"or raise --subset")
+    mean = xtr.float().mean((0, 2, 3)) / 255
+    std = (xtr.float().std((0, 2, 3)) / 255).clamp(min=1 / 255)  # a constant channel must not divide by zero
+    device = numerics.device
+    return {'train': (xtr.to(device), ytr.to(device)), 'test': (xte.to(device), yte.to(device)), 'classes': classes,
+            'mean': mean, 'std': std, 'numerics': numerics}
+
+
+def augment(x):
+    """Pad-4 random crop and random horizontal flip of a whole batch (N, C, H, W) at once, as one gather."""
+    n, c, h, w = x.shape
+    x = F.pad(x, (4, 4, 4, 4))  # after normalisation: pads with the mean colour
+    dev = x.device
+    i, j = torch.randint(0, 9, (n, 1, 1, 1), device=dev), torch.randint(0, 9, (n, 1, 1, 1), device=dev)
+    flip = torch.rand(n, 1, 1, 1, device=dev) < 0.5
+    cols = torch.arange(w, device=dev).view(1, 1, 1, w)
+    cols = j + torch.where(flip, w - 1 - cols, cols)
+    rows = i + torch.arange(h, device=dev).view(1, 1, h, 1)
+    return x[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1), rows, cols]
+
+
+class Batches:
+    """Normalised batches of one split, as Part I's loops take them: re-iterable, with a len. When training:
+    shuffled afresh every pass, augmented, no short last batch, at most `steps` batches a pass."""
+
+    def __init__(self, data, split, batch_size, train, steps=None):
+        self.x, self.y = data[split]
+        self.data, self.batch_size, self.train = data, batch_size, train
+        n = len(self.y)
+        self.count = max(n // batch_size, 1) if train else math.ceil(n / batch_size)
+        self.count = min(self.count, steps or self.count)
+
+    def __len__(self):
+        return self.count
+
+    def __iter__(self):
+        x, y, n = self.x, self.y, len(self.y)
+        mean, std = (t.to(x.device).view(1, -1, 1, 1) for t in (self.data['mean'], self.data['std']))
+        order = torch.randperm(n, device=x.device) if self.train else torch.arange(n, device=x.device)
+        for b in range(self.count):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            xb = (x[idx].float() / 255 - mean) / std
+            if self.train:
+                xb = augment(xb)
+            if self.data['numerics'].channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, y[idx]
+
+
+@torch.no_grad()
+def evaluate(model, data):
+    """Top-1 accuracy on the test split, in eval mode (BN running statistics); the model is left in train mode."""
+    model.eval()
+    correct = torch.zeros((), device=data['test'][0].device)
+    for xb, yb in Batches(data, 'test', 1000, train=False):
+        with data['numerics'].autocast():
+            correct += (model(xb).argmax(1) == yb).sum()
+    model.train()
+    return correct.item() / len(data['test'][1])
+
+
+def shrink(model, widths):
+    """`model` cut to `widths` channels per group (the first ones): a network of that shape, for timing or for
+    loading weights saved from a compact network."""
+    return compact(model, [torch.arange(w) < k for w, k in zip(group_widths(model), widths)])
+
+
+# --- 12. Measured latency ---------------------------------------------------------------------------------------------
+# While pruning, latency is predicted: each unit (conv or linear, BN, ReLU) is timed alone on the target device at a
+# small grid of kept (input, output) widths, interpolated bilinearly in between. Units timed alone do not add up to
+# the whole network (pools, additions, per-call overheads, caches), so whole networks at a few widths are timed too
+# and the prediction is a * (sum over units) + b, fit to them by least squares; a candidate's cost is its prediction
+# over the dense network's. A fit that makes no sense (a <= 0, or one that explains little of the timings) is
+# reported and replaced by the units' sum alone, which still ranks widths sensibly. The prediction only steers the
+# policy: the final mask is found by timing compact networks (`fit_latency`), in turns with the dense one.
+
+@torch.no_grad()
+def time_forward(net, x, numerics, repeats=20, warmup=3):
+    """Seconds of net(x): warm-up, then the median of `repeats` calls (CUDA events on a GPU), and the spread of the
+    calls (interquartile range over the median)."""
     times = []
     for _ in range(warmup + repeats):
-        if run['device'].type == 'cuda':
+        if numerics.device.type == 'cuda':
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            with autocast(run):
+            with numerics.autocast():
                 net(x)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1000)
         else:
             t = time.perf_counter()
-            with autocast(run):
+            with numerics.autocast():
                 net(x)
             times.append(time.perf_counter() - t)
-    return sorted(times[warmup:])[repeats // 2]
+    times = sorted(times[warmup:])
+    median = times[repeats // 2]
+    return median, (times[3 * repeats // 4] - times[repeats // 4]) / median
+
+
+def time_in_turns(nets, x, numerics, rounds=3, repeats=21, scatter=0.25):
+    """Milliseconds of net(x) for whole networks (or any callables) and the spread of their timings: each timed in
+    turn, `rounds` times over, the fastest round's median kept. Whatever else the machine is doing then slows them
+    alike, so their ratios hold; a shared machine's noise only ever adds time. Timings whose calls scatter more than
+    `scatter` are taken again once, as many rounds more."""
+    best = [(math.inf, 0.0)] * len(nets)
+    for attempt in range(2):
+        for _ in range(rounds):
+            best = [min(b, time_forward(n, x, numerics, repeats)) for b, n in zip(best, nets)]
+        if max(s for _, s in best) <= scatter:
+            break
+    return [1000 * t for t, _ in best], [s for _, s in best]
 
 
 def unit_alone(u, cin, cout):
     """What unit `u` computes (layer, BN, ReLU), fresh, at `cin` input and `cout` output channels: timed alone."""
-    if isinstance(u.layer, nn.Conv2d):
-        c = u.layer
-        return nn.Sequential(nn.Conv2d(cin, cout, c.kernel_size, c.stride, c.padding, bias=False),
-                             nn.BatchNorm2d(cout), nn.ReLU())
-    bn = nn.BatchNorm1d(cout) if isinstance(u.bn, nn.BatchNorm1d) else nn.Identity()
-    return nn.Sequential(nn.Linear(cin, cout), bn)
+    layer = u.layer
+    if isinstance(layer, nn.Linear):
+        bn = nn.BatchNorm1d(cout) if isinstance(u.bn, nn.modules.batchnorm._BatchNorm) else nn.Identity()
+        return nn.Sequential(nn.Linear(cin, cout), bn)
+    groups = cout if u.depthwise else 1
+    conv = type(layer)(cin, cout, layer.kernel_size, layer.stride, layer.padding, layer.dilation, groups, bias=False)
+    return nn.Sequential(conv, type(u.bn)(cout) if isinstance(u.bn, nn.modules.batchnorm._BatchNorm) else nn.Identity(),
+                         nn.ReLU())
 
 
-def latency_device_name(run):
+def latency_device_name(numerics):
     """The target device as a table records it; on the CPU the thread count matters as much as the chip."""
-    d = run['device']
+    d = numerics.device
     return torch.cuda.get_device_name(d) if d.type == 'cuda' else f"cpu ({torch.get_num_threads()} threads)"
 
 
-def image(batch, channels, shape, run):
-    """Random input of `shape` (H, W) or () for a linear layer, in the run's memory format, on its device."""
-    fmt = torch.channels_last if run['channels_last'] and len(shape) == 2 else torch.contiguous_format
-    return torch.randn(batch, channels, *shape, device=run['device']).contiguous(memory_format=fmt)
-
-
-def latency_meta(model, run, batch):
+def latency_meta(model, numerics, batch, input_shape):
     """What a latency table depends on: a table is reused only where all of it matches."""
-    return {'arch': model.arch, 'widths': list(model.widths), 'num_classes': model.num_classes,
-            'device': latency_device_name(run), 'batch': batch, 'bf16': run['bf16'],
-            'channels_last': run['channels_last'], 'torch': torch.__version__.split('+')[0]}
+    return {'arch': getattr(model, 'arch', type(model).__name__), 'widths': group_widths(model),
+            'num_classes': getattr(model, 'num_classes', None), 'input_shape': list(input_shape),
+            'device': latency_device_name(numerics), 'batch': batch, 'bf16': numerics.bf16,
+            'channels_last': numerics.channels_last, 'torch': torch.__version__.split('+')[0]}
 
 
 @torch.no_grad()
-def build_latency_table(model, run, batch, repeats=7):
-    """Milliseconds of every unit alone at a grid of (kept input, kept output) widths, and the dense network's own
-    measured latency, on `run`'s device, precision and memory format, at `batch` images, in eval mode."""
-    model = copy.deepcopy(model).eval().to(run['device'])
+def build_latency_table(model, numerics, batch, input_shape=(3, 32, 32), repeats=5):
+    """Milliseconds of every unit alone at a grid of (kept input, kept output) widths, and the fit of whole-network
+    timings, on `numerics`' device, precision and memory format, at `batch` inputs, in eval mode. Each distinct unit
+    shape is timed once (VGG's repeated layers share their timings)."""
+    model = numerics.place(copy.deepcopy(model).eval())
     shapes = {}  # unit -> its input's shape without the batch dim
-    hooks = [u.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, tuple(i[0].shape[2:])))
-             for u in units(model)]
-    model(torch.zeros(1, 3, 32, 32, device=run['device']))
+    hooks = [u.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, tuple(i[0].shape[1:]))) for u in units(model)]
+    model(torch.zeros(1, *input_shape, device=numerics.device))
     for h in hooks:
         h.remove()
-    grid = lambda g, fixed: [fixed] if g is None else sorted({1, *(max(1, round(model.widths[g] * f))  # noqa: E731
-                                                                  for f in (0.25, 0.5, 0.75, 1))})
-    timed, tables = {}, []  # each distinct (module, input shape) is timed once
+    widths = group_widths(model)
+    grid = lambda g, fixed: [fixed] if g is None else sorted({1, max(1, widths[g] // 2), widths[g]})  # noqa: E731
+    timed, tables = {}, []
     for u in units(model):
-        gin, gout = grid(u.inp, 3), grid(u.out, model.num_classes)
+        gin = grid(u.inp, u.layer.weight.shape[1] * getattr(u.layer, 'groups', 1))
+        gout = grid(u.out, u.layer.weight.shape[0])
         ms = torch.zeros(len(gin), len(gout), dtype=torch.float64)
         for a, ci in enumerate(gin):
             for b, co in enumerate(gout):
+                if u.depthwise and ci != co:  # a depthwise unit reads and writes one group: its diagonal alone
+                    ms[a, b] = math.nan
+                    continue
                 net = unit_alone(u, ci, co)
-                key = (repr(net), shapes[u])
+                key = (repr(net), shapes[u][1:])
                 if key not in timed:
-                    net, x = net.eval().to(run['device']), image(batch, ci, shapes[u], run)
-                    if x.dim() == 4 and run['channels_last']:
-                        net.to(memory_format=torch.channels_last)
-                    timed[key] = 1000 * time_forward(net, x, run, repeats)
+                    x = numerics.random_input(batch, (ci, *shapes[u][1:]))
+                    timed[key] = 1000 * time_forward(numerics.place(net.eval()), x, numerics, repeats)[0]
                 ms[a, b] = timed[key]
+        if u.depthwise:  # only the diagonal is ever used: copy it across
+            ms = torch.diag(ms).expand(len(gin), -1).clone()
         tables.append({'inp': u.inp, 'out': u.out, 'grid_in': gin, 'grid_out': gout, 'ms': ms})
-    # Calibration: whole networks at a few widths (uniformly thinned, and random), measured, fit to
+    table = {'meta': latency_meta(model, numerics, batch, input_shape), 'units': tables, 'a': 1.0, 'b': 0.0}
+    # Calibration: whole networks at a few widths (uniformly thinned, and random), timed, fit to
     # a * (sum of the units' table values) + b by least squares: b holds pools, additions and per-call overheads.
-    table = {'meta': latency_meta(model, run, batch), 'units': tables, 'a': 1.0, 'b': 0.0}
-    g = torch.Generator().manual_seed(0)
-    dense = torch.tensor(model.widths)
-    keep = torch.cat([torch.tensor([[1.0], [0.75], [0.5], [0.25], [0.1]]).expand(5, len(dense)),
-                      torch.rand(5, len(dense), generator=g) * 0.9 + 0.1])
-    widths = (dense * keep).round().clamp(min=1).long()
-    sums = Latency(table).predict_ms(widths)
-    measured = torch.tensor(time_in_turns([build(model.arch, w.tolist(), model.num_classes) for w in widths], run,
-                                          batch, rounds=3, repeats=repeats), dtype=torch.float64)
+    dense = torch.tensor(widths)
+    keep = torch.cat([torch.tensor([[1.0], [0.6], [0.3], [0.1]]).expand(4, len(dense)),
+                      torch.rand(4, len(dense), generator=torch.Generator().manual_seed(0)) * 0.9 + 0.1])
+    candidates = (dense * keep).round().clamp(min=1).long()
+    sums = Latency(table).predict_ms(candidates)
+    nets = [numerics.place(shrink(model, w.tolist())) for w in candidates]
+    measured = torch.tensor(time_in_turns(nets, numerics.random_input(batch, input_shape), numerics, rounds=2,
+                                          repeats=repeats)[0], dtype=torch.float64)
     a, b = torch.linalg.lstsq(torch.stack([sums, torch.ones_like(sums)], 1), measured[:, None]).solution.flatten()
-    return {**table, 'a': a.item(), 'b': b.item(), 'dense_ms': measured[0].item()}
+    residual = measured - (a * sums + b)
+    r2 = 1 - (residual ** 2).sum() / ((measured - measured.mean()) ** 2).sum().clamp(min=1e-12)
+    fit = {'a': a.item(), 'b': b.item(), 'r2': r2.item(), 'degenerate': bool(a <= 0 or r2 < 0.5)}
+    if fit['degenerate']:  # the units' sum alone still rises with every width: it steers the policy sensibly
+        fit['note'] = (f"the fit of whole-network timings was degenerate (a={fit['a']:.3g}, b={fit['b']:.3g} ms, "
+                       f"R^2={fit['r2']:.2f}); the units' sum alone predicts latency")
+    a, b = (1.0, 0.0) if fit['degenerate'] else (fit['a'], fit['b'])
+    return {**table, 'a': a, 'b': b, 'fit': fit, 'dense_ms': measured[0].item()}
 
 
 def interpolation(grid, n):
@@ -378,8 +914,9 @@ class Latency:
     """The latency cost: C(widths) = predicted latency / predicted dense latency, for K width vectors at once (a
     ratio of two predictions: one noisy timing of the dense network does not shift every fraction)."""
 
-    def __init__(self, table, run=None):  # run: where `measure_*` time networks (`numerics`)
-        self.table, self.run, self.dense_ms, g = table, run, table.get('dense_ms'), len(table['meta']['widths'])
+    def __init__(self, table, numerics=None):  # numerics: where `measure_ms` times networks
+        self.table, self.numerics, self.dense_ms = table, numerics, table.get('dense_ms')
+        g = len(table['meta']['widths'])
         flat, offsets, rows, cols, strides = [], [], [], [], []
         for t in table['units']:  # every unit's table at every integer width pair, flattened one after the other
             full = interpolation(t['grid_in'], t['grid_in'][-1]) @ t['ms'] @ interpolation(t['grid_out'],
@@ -403,33 +940,60 @@ class Latency:
         return self.predict_ms(widths) / self.dense_predicted_ms
 
     def measure_ms(self, *models, rounds=3):
-        """Measured milliseconds of whole networks at the table's batch, timed in turns (`time_in_turns`)."""
-        return time_in_turns(models, self.run, self.table['meta']['batch'], rounds)
+        """Measured milliseconds of whole networks (eval mode) at the table's batch, timed in turns, and their
+        spreads."""
+        nets = [self.numerics.place(copy.deepcopy(m).eval()) for m in models]
+        x = self.numerics.random_input(self.table['meta']['batch'], self.table['meta']['input_shape'])
+        return time_in_turns(nets, x, self.numerics, rounds)
 
 
-def time_in_turns(models, run, batch, rounds=3, repeats=21):
-    """Milliseconds of whole networks (eval mode, on `run`'s device, precision and memory format): each timed in
-    turn, `rounds` times over, and the fastest round's median kept. Whatever else the machine is doing then slows
-    them alike, so their ratios hold; a shared machine's noise only ever adds time."""
-    nets = [copy.deepcopy(m).eval().to(run['device']) for m in models]
-    if run['channels_last']:
-        nets = [n.to(memory_format=torch.channels_last) for n in nets]
-    x = image(batch, 3, (32, 32), run)
-    times = [[1000 * time_forward(n, x, run, repeats) for n in nets] for _ in range(rounds)]
-    return [min(t) for t in zip(*times)]
+def fit_latency(model, policy, costs, budget, multiple):
+    """The final mask under a latency budget, found by timing: the longest prefix of the ranking (as `final_mask`
+    ranks) whose compact network's *measured* latency, timed in turns with the dense network, meets the budget,
+    within every other budget. A bisection over the prefixes starts at the one the prediction chose and moves either
+    way: longer while the measured latency is under the budget, shorter while over; the last one is timed again at
+    more rounds before it is kept. Returns the mask and what was measured."""
+    latency, j = costs['latency'], list(costs).index('latency')
+    target, counts = budget[j].item(), prefixes(policy, multiple)
+    others = torch.stack([c(counts) <= b for i, (c, b) in enumerate(zip(costs.values(), budget.tolist()))
+                          if i != j] or [torch.ones(len(counts), dtype=torch.bool)]).all(0)
+    candidates = others.nonzero().flatten()  # prefix lengths every other budget allows, shortest first
+    if not len(candidates):
+        fail(f'the budget is below the smallest network ({multiple} channel(s) per group)')
+    predicted = latency(counts[candidates]) <= target
+    timings = {}
+
+    def measure(i, rounds=3):
+        small = compact(model, policy.split(keep_top(policy, counts[candidates[i]].tolist())))
+        (small_ms, dense_ms), spread = latency.measure_ms(small, model, rounds=rounds)
+        timings[i] = {'pruned_ms': small_ms, 'dense_ms': dense_ms, 'scatter': max(spread)}
+        return small_ms / dense_ms <= target
+
+    lo, hi = -1, len(candidates)  # measured so far: lo meets the budget (-1: none yet), hi does not
+    i, step = (predicted.nonzero().max().item() if predicted.any() else 0), 1
+    while hi - lo > 1:  # gallop away from the prediction's choice while one side is open, then bisect
+        lo, hi = (i, hi) if measure(i) else (lo, i)
+        i = lo + step if hi == len(candidates) else hi - step if lo == -1 else (lo + hi) // 2
+        i, step = min(max(i, lo + 1), hi - 1), step * 2
+    while lo > 0 and not measure(lo, rounds=5):  # one slow moment must not keep a network over its budget...
+        lo = lo * 19 // 20  # ... nor cost many channels: step down 5% at a time
+    chosen = max(lo, 0)
+    if chosen not in timings:
+        measure(chosen)
+    return keep_top(policy, counts[candidates[chosen]].tolist()), {**timings[chosen], 'timings': len(timings)}
 
 
-def latency_cost(model, args):
+def latency_cost(model, args, input_shape):
     """The latency cost of `model` on --latency-device: the table from --latency-table, checked against this run,
     or built now and saved in --out."""
-    run = numerics(args.latency_device_t, args.bf16, args.channels_last)
+    numerics = Numerics(args.latency_device_t, args.bf16, args.channels_last)
     if args.latency_table:
         try:
             table = torch.load(args.latency_table, map_location='cpu', weights_only=True)
             meta = table['meta']
         except Exception as e:
             fail(f"--latency-table {args.latency_table}: not a latency table ({type(e).__name__})")
-        want = latency_meta(model, run, args.latency_batch)
+        want = latency_meta(model, numerics, args.latency_batch, input_shape)
         wrong = [k for k in want if meta.get(k) != want[k]]
         if wrong:
             fail(f"--latency-table {args.latency_table}: made for another " + ', '.join(
@@ -437,18 +1001,19 @@ def latency_cost(model, args):
         build_s = 0.0
     else:
         t0 = time.time()
-        table = build_latency_table(model, run, args.latency_batch)
+        table = build_latency_table(model, numerics, args.latency_batch, input_shape)
         build_s = time.time() - t0
         os.makedirs(args.out, exist_ok=True)
         save_atomic(table, os.path.join(args.out, 'latency_table.pt'))
         print(f"latency table: {len(table['units'])} units timed on {table['meta']['device']} at batch "
-              f"{args.latency_batch} in {build_s:.1f} s; dense network {table['dense_ms']:.3f} ms")
-    cost = Latency(table, run)
+              f"{args.latency_batch} in {build_s:.1f} s; dense network {table['dense_ms']:.3f} ms; fit R^2 "
+              f"{table['fit']['r2']:.2f}" + (f"; note: {table['fit']['note']}" if table['fit'].get('note') else ''))
+    cost = Latency(table, numerics)
     cost.build_s = build_s
     return cost
 
 
-# --- 2c. User-defined costs: any function of the kept widths, a black box -------------------------------------------
+# --- 13. User-defined costs: any function of the kept widths, a black box -------------------------------------------
 # --cost NAME=path/to/file.py:function registers `function(widths, group_names)`: widths is a (K, groups) int64 CPU
 # tensor (kept channels per group of K candidate networks), group_names the groups' names in order; it returns K
 # numbers (any sequence or tensor), the cost of each candidate in its own unit. It is called once per pruning step
@@ -475,10 +1040,11 @@ def user_cost(spec, model):
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         fail(f"{where}: {path} has no function {fn_name!r}")
+    names = group_names(model)
 
     def evaluate_fn(widths):
         try:
-            v = torch.as_tensor(fn(widths.cpu(), list(model.group_names)), dtype=torch.float64).flatten()
+            v = torch.as_tensor(fn(widths.cpu(), list(names)), dtype=torch.float64).flatten()
         except Exception as e:
             fail(f"{where}: the function raised {type(e).__name__}: {first_line(e)}")
         if v.shape != (len(widths),):
@@ -487,8 +1053,8 @@ def user_cost(spec, model):
             fail(f"{where}: returned a non-finite value ({v.tolist()[:4]})")
         return v.to(widths.device)
 
-    probe = torch.tensor([model.widths, [1] * len(model.widths)])
-    dense = evaluate_fn(probe)[0].item()  # also checks shape and finiteness on two candidates before any training
+    widths = group_widths(model)
+    dense = evaluate_fn(torch.tensor([widths, [1] * len(widths)]))[0].item()  # shape and finiteness checked too
     if not dense > 0:
         fail(f"{where}: the dense network's cost is {dense}; it must be positive to take fractions of it")
     fraction = lambda widths: evaluate_fn(widths) / dense  # noqa: E731
@@ -496,373 +1062,19 @@ def user_cost(spec, model):
     return name, fraction
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 3. The policy: pi_theta(m) = prod_c Bernoulli(m_c; p_c),  p = sigmoid(theta), one entry per channel of every group
-# ---------------------------------------------------------------------------------------------------------------------
-
-class Policy(nn.Module):
-    def __init__(self, widths, init_keep):
-        super().__init__()
-        self.widths = list(widths)
-        self.theta = nn.Parameter(torch.full((sum(widths),), math.log(init_keep / (1 - init_keep))))
-        # channel -> group one-hot matrix: kept widths of K masks are one matrix product
-        self.register_buffer('groups', torch.repeat_interleave(torch.eye(len(widths)), torch.tensor(widths), 0),
-                             persistent=False)
-
-    def dist(self):
-        return torch.distributions.Bernoulli(logits=self.theta, validate_args=False)  # checks would sync the GPU
-
-    def sample(self, k):
-        """k masks, a (k, channels) tensor of zeros and ones."""
-        p = torch.sigmoid(self.theta.detach()).nan_to_num(0.5)  # NaN logits: caught at the next progress line
-        return torch.bernoulli(p.expand(k, -1))
-
-    def log_prob(self, masks):
-        """log pi(m) = sum_c m_c log p_c + (1 - m_c) log(1 - p_c), one value per mask."""
-        return self.dist().log_prob(masks).sum(-1)
-
-    def split(self, masks):
-        """One (k, width) block per group, the form the models take."""
-        return masks.split(self.widths, -1)
-
-    def kept(self, masks):
-        """Kept widths per group, the input of every cost."""
-        return (masks @ self.groups).round().long()
+def group_names(model):
+    return list(getattr(model, 'group_names', None) or [f'group{g}' for g in range(len(group_widths(model)))])
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 4. REINFORCE with a baseline on the Lagrangian reward
-# ---------------------------------------------------------------------------------------------------------------------
+# --- 14. Progress, metrics and checkpoints: callbacks of Part I's loops ----------------------------------------------
 
-def reinforce_loss(policy, masks, reward, cost, budget, lam):
-    """Surrogate loss whose gradient is minus the policy gradient of the Lagrangian, for K masks.
-    reward: (K,), cost: (K, J) values C_j(m_k), budget and lam: (J,)."""
-    lagrangian = reward - (cost - budget) @ lam           # L_k = R_k - sum_j lambda_j (C_j(m_k) - b_j)
-    k = len(lagrangian)
-    advantage = (lagrangian - lagrangian.mean()) * k / (k - 1)  # L_k - b_k, b_k = mean of the other K-1 (unbiased)
-    return -(advantage.detach().float() * policy.log_prob(masks)).mean()  # grad: -mean_k (L_k - b_k) grad log pi(m_k)
+PHASES = ('dense', 'prune', 'finetune')
 
 
-def crl_step(model, policy, costs, budget, lam, x, y, k):
-    """Sample K masks and score all K sub-networks in one forward pass: slice k of the batch is the same images under
-    mask k (common random numbers: rewards differ only through the masks; BN statistics are per slice, so the
-    reward of mask k depends on mask k alone). Returns the weights' loss (the mean cross-entropy of the sampled
-    sub-networks, so the weights adapt to them), the policy's loss, the sampled costs and the logits."""
-    masks = policy.sample(k)
-    n = len(x)
-    logits = model(torch.cat([x] * k), policy.split(masks))  # the images k times over; cat keeps channels_last
-    ce = F.cross_entropy(logits.float(), y.repeat(k), reduction='none').view(k, n).mean(1)
-    kept = policy.kept(masks)
-    cost = torch.stack([c(kept) for c in costs.values()], 1)  # C_j(m_k), (K, J): evaluated, never differentiated
-    return ce.mean(), reinforce_loss(policy, masks, -ce.detach(), cost, budget, lam), cost, logits
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 5. The dual step
-# ---------------------------------------------------------------------------------------------------------------------
-# Plain projected ascent, lambda_j <- max(0, lambda_j + eta (mean_k C_j(m_k) - b_j)), integrates the violation: while
-# the cost starts far over a small budget (0.8 against 0.1, say) lambda grows for a long time, and once the budget is
-# met it can shrink only by eta * b_j per step, so the policy keeps being pushed far below the budget. Two changes
-# damp this. The violation is measured relative to the budget and clipped, e = clip((C - b) / b, -1, 1), so lambda
-# winds down below the budget as fast as it wound up above it, whatever the budget. And a term proportional to the
-# current violation (Platt & Barr 1988; the PI-Lagrangian of Stooke et al. 2020) takes pressure off as soon as the
-# cost nears the budget. README "Dual dynamics" shows both on a probe.
-
-def dual_step(integral, cost, budget, eta, damping):
-    """Returns the new integral term and the multipliers lambda_j = max(0, I_j + damping * e_j), with the violation
-    e_j = (C_j - b_j) / b_j clipped to [-1, 1]: lambda winds down below the budget as fast as it wound up above it."""
-    error = ((cost - budget) / budget).clamp(-1, 1)
-    integral = (integral + eta * error).clamp(min=0)   # I_j <- max(0, I_j + eta e_j): projected dual ascent
-    return integral, (integral + damping * error).clamp(min=0)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 6. The final mask: most probable channels first, as many as every budget allows, at least one per group
-# ---------------------------------------------------------------------------------------------------------------------
-# With `multiple` > 1 every group keeps a multiple of that many channels (a group narrower than that keeps all of its
-# channels): a GPU's tensor cores run bf16 convolutions fast only on such widths, and a compact network of odd
-# widths can be slower than the dense one there (README, Speed).
-
-def keep_top(policy, counts):
-    """The mask that keeps, in every group, its counts[g] most probable channels."""
-    theta = policy.theta.detach()
-    m, start = torch.zeros_like(theta), 0
-    for w, k in zip(policy.widths, counts):
-        m[start + theta[start:start + w].topk(k).indices] = 1
-        start += w
-    return m
-
-
-def rounded(widths, counts, multiple):
-    """Kept counts per group, (..., groups), rounded down to a multiple of `multiple`, at least min(multiple, width)
-    per group (a tensor)."""
-    counts = torch.as_tensor(counts)
-    return torch.maximum(counts - counts % multiple, torch.tensor(widths, device=counts.device).clamp(max=multiple))
-
-
-def minimal_mask(policy, multiple=1):
-    """The most probable channel of every group (`multiple` of them): the smallest network there is."""
-    return keep_top(policy, rounded(policy.widths, [1] * len(policy.widths), multiple).tolist())
-
-
-def within(policy, costs, budget, mask):
-    """Whether the network that keeps `mask` meets every budget."""
-    return all(c(policy.kept(mask[None]))[0].item() <= b for c, b in zip(costs.values(), budget.tolist()))
-
-
-def final_mask(policy, costs, budget, multiple=1):
-    """Rank channels by keep-probability and keep the longest prefix of the ranking that meets every budget (its
-    counts rounded to `multiple` per group, at least the minimal network). The widths of every prefix are evaluated
-    at once, one call of each cost on all of them, so a cost that can fall when a channel is added (measured latency,
-    a user's function) still gets the longest prefix within budget."""
-    order = policy.theta.detach().argsort(descending=True)
-    counts = torch.cat([torch.zeros_like(policy.groups[:1]), policy.groups[order].cumsum(0)]).round().long()
-    counts = rounded(policy.widths, counts, multiple)  # row n: kept widths of the first n channels
-    ok = torch.stack([c(counts) <= b for c, b in zip(costs.values(), budget.tolist())]).all(0)
-    if not ok.any():
-        fail(f'the budget is below the smallest network ({multiple} channel(s) per group)')
-    return keep_top(policy, counts[ok.nonzero().max()].tolist())
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 7. Physical compaction
-# ---------------------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def compact(model, masks):
-    """The smaller network keeping the channels where `masks` (one 0/1 vector per group) is 1, with the kept weights
-    and BN statistics copied. In eval mode it computes what `model` computes under those masks."""
-    keep = [m.nonzero().squeeze(1) for m in masks]
-    small = build(model.arch, [len(k) for k in keep], model.num_classes).to(next(model.parameters()).device)
-    for big, little in zip(units(model), units(small)):
-        for t, target in zip(big.state_dict().values(), little.state_dict().values()):
-            for d, g in big.dim_groups(t):
-                t = t.index_select(d, keep[g])
-            target.copy_(t)
-    return small
-
-
-def save_atomic(obj, path):
-    """torch.save under a temporary name, then a rename: a kill during the save leaves the previous file whole."""
-    path = os.fspath(path)
-    torch.save(obj, path + '.tmp')
-    os.replace(path + '.tmp', path)
-
-
-def save_model(model, path, mean, std):
-    """A plain dict that torch.load(..., weights_only=True) opens; load_pruned rebuilds the network from it."""
-    save_atomic({'arch': model.arch, 'num_classes': model.num_classes, 'widths': model.widths,
-                 'state_dict': model.state_dict(), 'mean': mean.tolist(), 'std': std.tolist()}, path)
-
-
-def load_pruned(path, device='cpu'):
-    """The network stored by this script (pruned.pt or dense.pt) as an nn.Module in eval mode. Inputs are 32x32
-    images normalised with the checkpoint's `mean` and `std` (per channel, pixel values in [0, 1])."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    model = build(ckpt['arch'], ckpt['widths'], ckpt['num_classes']).to(device)
-    model.load_state_dict(ckpt['state_dict'])
-    return model.eval()
-
-
-def onnx_available():
-    """torch's ONNX exporter needs the onnxscript package (which brings onnx)."""
-    return all(importlib.util.find_spec(m) is not None for m in ('onnx', 'onnxscript'))
-
-
-def export_pruned(path, out_path):
-    """Export the network of a checkpoint saved by this script (pruned.pt or dense.pt) for deployment without this
-    file: ONNX if out_path ends in .onnx (needs onnxscript), else a torch.export program (.pt2, opened with
-    torch.export.load(out_path).module()). Input: float32 (N, 3, 32, 32) RGB images, pixel values in [0, 1]
-    normalised as (x - mean) / std per channel, any batch size N; output: (N, classes) logits. That normalisation is
-    stated in the ONNX file's metadata_props (lists as JSON text), or in a JSON file next to the .pt2 (same name,
-    .json). Returns the metadata."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    model = load_pruned(path)
-    meta = {'arch': ckpt['arch'], 'widths': ckpt['widths'], 'classes': ckpt['num_classes'],
-            'mean': ckpt['mean'], 'std': ckpt['std'], 'input_layout': 'NCHW', 'input_shape': ['N', 3, 32, 32],
-            'input': 'float32 RGB images, pixel values in [0, 1], normalised as (x - mean) / std per channel',
-            'output': 'logits, (N, classes)'}
-    example, batch = (torch.randn(2, 3, 32, 32),), ({0: torch.export.Dim('batch', min=1, max=65536)},)
-    if out_path.endswith('.onnx'):
-        import onnx
-        program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=batch, input_names=['input'],
-                                    output_names=['logits'], verbose=False)
-        proto = program.model_proto
-        onnx.helper.set_model_props(proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-        onnx.save(proto, out_path)
-    else:
-        torch.export.save(torch.export.export(model, example, dynamic_shapes=batch), out_path)
-        with open(os.path.splitext(out_path)[0] + '.json', 'w') as f:
-            json.dump(meta, f, indent=1)
-    return meta
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 8. Data and training loops
-# ---------------------------------------------------------------------------------------------------------------------
-# The whole dataset lives on the device as one uint8 tensor; batches are gathered, normalised and augmented there as
-# batched tensor ops (no per-image PIL work, no DataLoader). On CUDA: channels_last and bf16 autocast (`numerics`).
-
-def load_image(path):
-    """One image as a (32, 32, 3) uint8 array. 16-bit grey images are scaled to 8 bits (PIL's RGB conversion would
-    saturate them); an alpha channel is dropped, as torchvision's loader does. An unreadable file is a one-line
-    error naming it."""
-    import numpy as np
-    from PIL import Image
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode.startswith('I'):  # 16- or 32-bit integer pixels
-                a = np.asarray(img).astype(np.float64)
-                img = Image.fromarray((a * 255 / (65535 if a.max() > 255 else 255)).clip(0, 255).astype(np.uint8))
-            return np.asarray(img.convert('RGB').resize((32, 32)))
-    except OSError as e:
-        fail(f"--data: cannot read image {path} ({first_line(e)})")
-
-
-@functools.lru_cache(maxsize=4)  # a process that runs main() many times (bench/compare.py) decodes each folder once
-def read_image_folder(root):
-    """An ImageFolder directory as (uint8 images (N, 3, 32, 32), labels, class names); images resized to 32x32,
-    decoded by a pool of threads (PIL releases the GIL while it decodes)."""
-    import numpy as np
-    import torchvision
-    from concurrent.futures import ThreadPoolExecutor
-    ds = torchvision.datasets.ImageFolder(root)
-    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        x = np.stack(list(pool.map(lambda s: load_image(s[0]), ds.samples, chunksize=256)))
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
-
-
-def image_folder_splits(data):
-    """train/ and test/ (or val/) of an ImageFolder directory and its number of classes, checked without reading
-    any image."""
-    test = next((os.path.join(data, s) for s in ('test', 'val') if os.path.isdir(os.path.join(data, s))), None)
-    if not os.path.isdir(os.path.join(data, 'train')) or test is None:
-        fail(f"--data {data}: expected an ImageFolder directory with train/ and test/ (or val/) subfolders")
-    import torchvision
-    classes = []
-    for split in (os.path.join(data, 'train'), test):
-        try:
-            classes.append(torchvision.datasets.ImageFolder(split).classes)
-        except (FileNotFoundError, OSError) as e:
-            fail(f"--data {data}: {split} holds no images in class subfolders ({first_line(e)})")
-    if classes[0] != classes[1]:
-        fail(f"--data {data}: train/ and test/ have different classes")
-    return os.path.join(data, 'train'), test, len(classes[0])
-
-
-def load_data(args, device):
-    """{'train': (x, y), 'test': (x, y), 'classes': n, 'mean': ..., 'std': ...}, all on `device`, and how every loop
-    feeds it to a network: {'bf16': ..., 'channels_last': ...} (see `numerics`)."""
-    if args.data:
-        train_dir, test_dir, _ = image_folder_splits(args.data)
-        (xtr, ytr, classes), (xte, yte, _) = read_image_folder(train_dir), read_image_folder(test_dir)
-    else:
-        import torchvision
-        cls = torchvision.datasets.CIFAR10 if args.dataset == 'cifar10' else torchvision.datasets.CIFAR100
-        try:
-            tr, te = (cls(args.data_root, train=t, download=True) for t in (True, False))
-        except Exception as e:
-            fail(f"could not download {args.dataset} into {args.data_root} ({type(e).__name__}); without internet, "
-                 f"pass --data DIR, a folder of images in ImageFolder layout (train/ and test/)")
-        (xtr, ytr), (xte, yte) = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets))
-                                  for d in (tr, te)]
-        classes = tr.classes
-    if args.subset > len(xtr):
-        fail(f"--subset {args.subset}: the training set has only {len(xtr)} images")
-    if args.subset:
-        keep = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))[:args.subset]
-        xtr, ytr = xtr[keep], ytr[keep]
-    if len(xtr) < args.batch_size:  # BatchNorm needs whole batches (BN1d after fc1: more than one value per channel)
-        fail(f"{len(xtr)} training images, fewer than one batch (--batch-size {args.batch_size}); lower --batch-size "
-             f"or raise --subset")
-    mean = xtr.float().mean((0, 2, 3)) / 255
-    std = (xtr.float().std((0, 2, 3)) / 255).clamp(min=1 / 255)  # a constant channel must not divide by zero
-    return {'train': (xtr.to(device), ytr.to(device)), 'test': (xte.to(device), yte.to(device)),
-            'classes': len(classes), 'mean': mean, 'std': std, **numerics(device, args.bf16, args.channels_last)}
-
-
-def augment(x):
-    """Pad-4 random crop and random horizontal flip of a whole batch (N, C, H, W) at once, as one gather."""
-    n, c, h, w = x.shape
-    x = F.pad(x, (4, 4, 4, 4))  # after normalisation: pads with the mean colour
-    dev = x.device
-    i, j = torch.randint(0, 9, (n, 1, 1, 1), device=dev), torch.randint(0, 9, (n, 1, 1, 1), device=dev)
-    flip = torch.rand(n, 1, 1, 1, device=dev) < 0.5
-    cols = torch.arange(w, device=dev).view(1, 1, 1, w)
-    cols = j + torch.where(flip, w - 1 - cols, cols)
-    rows = i + torch.arange(h, device=dev).view(1, 1, h, 1)
-    return x[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1), rows, cols]
-
-
-def batches(data, split, batch_size, train):
-    """Normalised batches of one split: shuffled, augmented and without a short last batch when training."""
-    x, y = data[split]
-    mean, std = (t.to(x.device).view(1, 3, 1, 1) for t in (data['mean'], data['std']))
-    n = len(x)
-    order = torch.randperm(n, device=x.device) if train else torch.arange(n, device=x.device)
-    count = max(n // batch_size, 1) if train else math.ceil(n / batch_size)
-    for b in range(count):
-        idx = order[b * batch_size:(b + 1) * batch_size]
-        xb = (x[idx].float() / 255 - mean) / std
-        if train:
-            xb = augment(xb)
-        if data['channels_last']:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        yield xb, y[idx]
-
-
-def numerics(device, bf16='auto', channels_last='auto'):
-    """The two GPU settings, made explicit: bf16 autocast (matrix products in bfloat16, losses, rewards and costs in
-    float32/float64) and the channels_last memory format. 'auto' turns both on on CUDA and off elsewhere; 'on' and
-    'off' force them on any device, so the CPU tests exercise the GPU path."""
-    pick = lambda v: device.type == 'cuda' if v == 'auto' else v == 'on'  # noqa: E731
-    return {'device': device, 'bf16': pick(bf16), 'channels_last': pick(channels_last)}
-
-
-def autocast(run):
-    """bf16 autocast where `run` (the data, or any dict from `numerics`) asks for it, on its device."""
-    return torch.autocast(run['device'].type, dtype=torch.bfloat16, enabled=run['bf16'])
-
-
-@torch.no_grad()
-def evaluate(model, data):
-    """Top-1 accuracy on the test split, in eval mode (BN running statistics)."""
-    model.eval()
-    correct = torch.zeros((), device=data['test'][0].device)
-    for xb, yb in batches(data, 'test', 1000, train=False):
-        with autocast(data):
-            correct += (model(xb).argmax(1) == yb).sum()
-    model.train()
-    return correct.item() / len(data['test'][1])
-
-
-@torch.no_grad()
-def recalibrate_bn(model, data, count=20):
-    """BN running statistics of the network itself, averaged over `count` training batches: after pruning they
-    replace the statistics that many sampled masks accumulated together in the dense network."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a plain average over the batches below
-    model.train()
-    for _, (x, _) in zip(range(count), batches(data, 'train', 256, train=True)):
-        with autocast(data):
-            model(x)
-    for m in bns:
-        m.momentum = 0.1
-
-
-def sgd(model, lr, steps, args):
-    """SGD with Nesterov momentum and weight decay, learning rate on a cosine from `lr` to 0 over `steps`."""
-    opt = torch.optim.SGD(model.parameters(), lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
-    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1)))  # noqa: E731
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine)
-
-
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+def duration(seconds):
+    """'45s', '1m23s' or '2h05m'."""
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 class Metrics:
@@ -915,25 +1127,24 @@ class Metrics:
             self.tensorboard.close()
 
 
-def duration(seconds):
-    """'45s', '1m23s' or '2h05m'."""
-    s = round(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
 class Progress:
-    """Sums of loss, correct predictions (and costs) kept as one device tensor, so that a step never waits for the
-    device; one line is printed every `every` steps and at the end of each epoch, and is also a row of `metrics`.
-    Throughput and the estimate of the time left in the phase (of `total_steps`) are steady-state: timed from the end
-    of the first `warmup` steps, whose extra time (compilation, cuDNN autotuning) is reported apart."""
+    """A callback of Part I's loops: sums of loss, correct predictions (and sampled costs) kept as one device tensor,
+    so that a step never waits for the device; one line is printed every `every` steps and at the end of each epoch,
+    and is also a row of `metrics`. Throughput and the time left in the phase (of `total_steps`) are steady-state:
+    timed from the end of the first `warmup` steps, whose extra time (compilation, autotuning) is reported apart."""
 
-    def __init__(self, phase, every, device, n_costs=0, warmup=5, total_steps=0, metrics=None):
+    def __init__(self, phase, every, device, cost_names=(), warmup=5, total_steps=0, metrics=None):
         self.phase, self.every, self.device, self.warmup = phase, every, device, warmup
-        self.total_steps, self.metrics = total_steps, metrics
-        self.sums = torch.zeros(2 + n_costs, device=device, dtype=torch.float64)
+        self.cost_names, self.total_steps, self.metrics = list(cost_names), total_steps, metrics
+        self.sums = torch.zeros(2 + len(self.cost_names), device=device, dtype=torch.float64)
         self.images = self.seen = self.steps = 0
         self.start = self.tick = time.time()
         self.warm = None  # (time, images) once the warm-up steps are done
+
+    def __call__(self, event):
+        if event['step'] is not None:
+            self.add(event['loss'], event['logits'], event['labels'], event.get('cost'))
+            self.maybe_print(event['epoch'], event['step'], event['steps'], event['objects'])
 
     def add(self, loss, logits, y, cost=None):
         n = len(y)
@@ -950,9 +1161,19 @@ class Progress:
         t, done = (self.warm[0], self.warmup) if self.warm and self.steps > self.warmup else (self.start, 0)
         return left * (now - t) / max(self.steps - done, 1)
 
-    def maybe_print(self, epoch, step, steps, describe=None):
-        """describe: mean costs -> (the end of the line, {metrics column: value}), called only when a line is
-        printed."""
+    def describe(self, mean_cost, objects):
+        """The expected cost of each constraint next to its multiplier, and the keep-probabilities."""
+        if not self.cost_names:
+            return '', {}
+        lams, p = objects['lam'].tolist(), torch.sigmoid(objects['policy'].theta.detach())
+        keep = torch.stack([p.mean(), (p < 0.1).float().mean(), (p > 0.9).float().mean()]).tolist()
+        pairs = lambda values: ' '.join(f"{n}={v:.3f}" for n, v in zip(self.cost_names, values))  # noqa: E731
+        return (f"cost {pairs(mean_cost)} lam {pairs(lams)} keep {keep[0]:.3f}",
+                {**{f'cost_{n}': v for n, v in zip(self.cost_names, mean_cost)},
+                 **{f'lambda_{n}': v for n, v in zip(self.cost_names, lams)},
+                 'keep_mean': keep[0], 'keep_below_0.1': keep[1], 'keep_above_0.9': keep[2]})
+
+    def maybe_print(self, epoch, step, steps, objects=None):
         if step % self.every and step != steps:
             return
         s, n, now = self.sums.tolist(), self.images - self.seen, time.time()
@@ -960,8 +1181,8 @@ class Progress:
             fail(f"{self.phase} epoch {epoch} step {step}: the loss or a cost became {s[0] / n} (NaN or inf); "
                  f"training diverged, most likely a learning rate too high for this network (--lr, --prune-lr)")
         done = (epoch - 1) * steps + step  # steps of the phase so far, counted from its start even after a resume
-        rate, eta = n / (now - self.tick), self.eta(now, self.total_steps - done)
-        text, values = describe([v / n for v in s[2:]]) if describe else ('', {})
+        rate, eta = n / (now - self.tick), self.eta(now, max(self.total_steps - done, 0))
+        text, values = self.describe([v / n for v in s[2:]], objects)
         print(f"{self.phase} epoch {epoch} step {step}/{steps} loss {s[0] / n:.3f} acc {s[1] / n:.3f} img/s "
               f"{rate:.0f} eta {duration(eta)} {text}".rstrip(), flush=True)
         if self.metrics:
@@ -982,14 +1203,17 @@ class Progress:
         return {'images_per_s': rate, 'overhead_s': max(t - self.start - images / rate, 0.0) if rate else 0.0}
 
 
-# --- 8b. Checkpoints: a run that survives Ctrl-C, a crash or a lost machine ------------------------------------------
-# At the end of an epoch (at most once per --checkpoint-every seconds, always at the end of a phase) everything the
-# rest of the run depends on goes into OUT/checkpoint.pt: phase and epoch, network, optimisers, scheduler, policy,
-# multipliers, random number generators, and what the finished phases measured. --resume continues from there.
-# Since the random streams are restored with the rest, the resumed run computes what the uninterrupted one would have
-# (bit for bit on the CPU; on a GPU up to its nondeterministic kernels). Every file is written by `save_atomic`.
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
 
-PHASES = ('dense', 'prune', 'finetune')
+
+# At the end of an epoch (at most once per --checkpoint-every seconds, always at the end of a phase) everything the
+# rest of the run depends on goes into OUT/checkpoint.pt: phase and epoch, the loop's objects (network, optimisers,
+# scheduler, policy, multipliers), random number generators, and what the finished phases measured. --resume
+# continues from there; since the random streams are restored with the rest, the resumed run computes what the
+# uninterrupted one would have (bit for bit on the CPU; on a GPU up to its nondeterministic kernels).
+
 DERIVED_ARGS = ('budget_parsed', 'latency_device_t')  # set from the command line's arguments, not saved with them
 
 
@@ -1005,12 +1229,12 @@ def refuse_diverged(model, where):
 
 
 class Checkpoint:
-    """OUT/checkpoint.pt. `report` holds what finished phases measured; `save` and `restore` take the same named
-    objects: those with a state_dict (network, optimiser, scheduler, policy) are saved through it, tensors as such."""
+    """OUT/checkpoint.pt, as a callback of Part I's loops (`__call__` saves at epochs' ends, `resume` restores).
+    `report` holds what finished phases measured."""
 
     FREE = ('resume', 'overwrite', 'log_every', 'checkpoint_every', *DERIVED_ARGS)  # may change on --resume
 
-    def __init__(self, args=None):  # without args: saves nothing (the loops run alone, e.g. in tests)
+    def __init__(self, args=None):  # without args: saves nothing
         self.state, self.saved, self.report, self.path = None, None, {}, None
         if args is None:
             return
@@ -1032,7 +1256,7 @@ class Checkpoint:
         """Whether the checkpoint to resume from is at `phase` or a later one."""
         return self.state is not None and PHASES.index(self.state['phase']) >= PHASES.index(phase)
 
-    def restore(self, phase, **objects):
+    def resume(self, phase, objects):
         """The epoch to continue `phase` from: 1 on a fresh start; on resuming inside `phase`, the one after the saved
         epoch, with `objects` (tensors in place) and the random generators set back to their state at its end."""
         if self.state is None or self.state['phase'] != phase:
@@ -1045,102 +1269,180 @@ class Checkpoint:
             torch.cuda.set_rng_state_all(self.state['rng']['cuda'])
         return self.state['epoch'] + 1
 
-    def save(self, phase, epoch, last, **objects):
-        """At the end of `epoch`: written when --checkpoint-every seconds have passed, and always when `last`."""
-        if self.path is None or not (last or time.time() - self.last_save >= self.every):
+    def __call__(self, event):
+        """At the end of an epoch: saved when --checkpoint-every seconds have passed, and always at a phase's end."""
+        last = event['epoch'] == event['epochs']
+        if event['step'] is not None or self.path is None or not (last or time.time() - self.last_save >= self.every):
             return
-        refuse_diverged(objects['model'], f"{phase} epoch {epoch}")
+        objects = event['objects']
+        refuse_diverged(objects['model'], f"{event['phase']} epoch {event['epoch']}")
         state = {name: obj.state_dict() if hasattr(obj, 'state_dict') else obj for name, obj in objects.items()}
-        save_atomic({'phase': phase, 'epoch': epoch, 'args': self.args, 'objects': state, 'rng': rng_state(),
-                     'report': self.report}, self.path)
-        self.last_save, self.saved = time.time(), (phase, epoch)
+        save_atomic({'phase': event['phase'], 'epoch': event['epoch'], 'args': self.args, 'objects': state,
+                     'rng': rng_state(), 'report': self.report}, self.path)
+        self.last_save, self.saved = time.time(), (event['phase'], event['epoch'])
 
     def describe(self):
         return f"{self.path} holds the state at the end of {self.saved[0]} epoch {self.saved[1]}"
 
 
-def train(model, data, epochs, lr, args, phase, checkpoint=None, metrics=None):
-    """Supervised training of a whole network (the dense one, then the compact one)."""
-    device = data['train'][0].device
-    per_epoch = max(len(data['train'][1]) // args.batch_size, 1)
-    opt, sched = sgd(model, lr, epochs * per_epoch, args)
-    checkpoint = checkpoint or Checkpoint()
-    start = checkpoint.restore(phase, model=model, opt=opt, sched=sched)
-    net = torch.compile(model) if args.compile else model
-    progress = Progress(phase, args.log_every, device, total_steps=epochs * per_epoch, metrics=metrics)
-    model.train()
-    for epoch in range(start, epochs + 1):
-        for step, (x, y) in enumerate(batches(data, 'train', args.batch_size, train=True), 1):
-            with autocast(data):
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            progress.add(loss, logits, y)
-            progress.maybe_print(epoch, step, per_epoch)
-        checkpoint.save(phase, epoch, epoch == epochs, model=model, opt=opt, sched=sched)
-    return progress.speed()
+# --- 15. Saving, loading, export and inference speed ------------------------------------------------------------------
+
+def save_atomic(obj, path):
+    """torch.save (json.dump for a .json path) under a temporary name, then a rename: a kill during the save leaves
+    the previous file whole."""
+    path = os.fspath(path)
+    if path.endswith('.json'):
+        with open(path + '.tmp', 'w') as f:
+            json.dump(obj, f, indent=2)
+    else:
+        torch.save(obj, path + '.tmp')
+    os.replace(path + '.tmp', path)
 
 
-def prune(model, policy, costs, budget, data, args, checkpoint=None, metrics=None):
-    """The CRL pruning phase: policy gradient on theta, dual ascent on lambda and SGD on the weights, every step.
-    A pruning epoch processes as many images as a dense epoch: batch_size / K distinct images per step, each seen
-    under all K masks."""
-    device = data['train'][0].device
-    k = args.samples
-    n = max(args.batch_size // k, 1)
-    per_epoch = max(len(data['train'][1]) // (n * k), 1)
-    opt_w, sched = sgd(model, args.prune_lr, args.prune_epochs * per_epoch, args)
-    opt_p = torch.optim.Adam(policy.parameters(), args.policy_lr)
-    integral, lam = torch.zeros_like(budget), torch.zeros_like(budget)
-    checkpoint = checkpoint or Checkpoint()
-    start = checkpoint.restore('prune', model=model, policy=policy, opt_w=opt_w, opt_p=opt_p, sched=sched,
-                               integral=integral, lam=lam)
-    net = torch.compile(model) if args.compile else model
-    progress = Progress('prune', args.log_every, device, len(budget), total_steps=args.prune_epochs * per_epoch,
-                        metrics=metrics)
-    model.train()
-
-    def describe(mean_cost):  # the expected cost of each constraint next to its multiplier, and the keep-probs.
-        lams, p = lam.tolist(), torch.sigmoid(policy.theta.detach())
-        keep = torch.stack([p.mean(), (p < 0.1).float().mean(), (p > 0.9).float().mean()]).tolist()
-        pairs = lambda values: ' '.join(f"{name}={v:.3f}" for name, v in zip(costs, values))  # noqa: E731
-        return (f"cost {pairs(mean_cost)} lam {pairs(lams)} keep {keep[0]:.3f}",
-                {**{f'cost_{name}': v for name, v in zip(costs, mean_cost)},
-                 **{f'lambda_{name}': v for name, v in zip(costs, lams)},
-                 'keep_mean': keep[0], 'keep_below_0.1': keep[1], 'keep_above_0.9': keep[2]})
-
-    for epoch in range(start, args.prune_epochs + 1):
-        for step, (x, y) in zip(range(1, per_epoch + 1), batches(data, 'train', n, train=True)):
-            with autocast(data):
-                loss, policy_loss, cost, logits = crl_step(net, policy, costs, budget, lam, x, y, k)
-            opt_w.zero_grad(set_to_none=True)
-            opt_p.zero_grad(set_to_none=True)
-            (loss + policy_loss).backward()
-            opt_w.step()
-            opt_p.step()
-            sched.step()
-            integral, lam = dual_step(integral, cost.mean(0), budget, args.dual_lr, args.damping)
-            progress.add(loss, logits, y.repeat(k), cost)
-            progress.maybe_print(epoch, step, per_epoch, describe)
-        if not (torch.isfinite(lam).all() and torch.isfinite(policy.theta).all()):
-            fail(f"prune epoch {epoch}: the multipliers or the policy became NaN or inf; lower --dual-lr, "
-                 f"--damping or --policy-lr")
-        checkpoint.save('prune', epoch, epoch == args.prune_epochs, model=model, policy=policy, opt_w=opt_w,
-                        opt_p=opt_p, sched=sched, integral=integral, lam=lam)
-    return progress.speed(), lam
+def save_pruned(model, path, mean=None, std=None, classes=None, input_shape=(3, 32, 32), width=None):
+    """A plain dict that torch.load(..., weights_only=True) opens: the weights, the widths of every group, and what
+    a deployer needs (input normalisation, class names, input shape). `load_pruned` rebuilds the network from it."""
+    save_atomic({'arch': getattr(model, 'arch', None), 'num_classes': getattr(model, 'num_classes', None),
+                 'width': width, 'widths': group_widths(model), 'group_names': group_names(model),
+                 'state_dict': model.state_dict(), 'input_shape': list(input_shape),
+                 'mean': None if mean is None else torch.as_tensor(mean).tolist(),
+                 'std': None if std is None else torch.as_tensor(std).tolist(),
+                 'classes': None if classes is None else list(classes)}, path)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 9. Command line
-# ---------------------------------------------------------------------------------------------------------------------
+def load_pruned(path, model=None, device='cpu'):
+    """The network saved by `save_pruned` (pruned.pt or dense.pt of a run) in eval mode, and its info: {'mean',
+    'std' (normalise inputs in [0, 1] as (x - mean) / std per channel), 'classes', 'input_shape', 'widths', ...}.
+    A built-in architecture is rebuilt by name; for your own network pass `model`, an instance of its dense form
+    (any weights): it is cut to the saved widths, then the saved weights are loaded into it."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if model is None and ckpt.get('arch') not in ARCHS:
+        fail(f"{path} holds a {ckpt.get('arch')}, not a built-in network: pass model=, an instance of its dense form")
+    net = shrink(model, ckpt['widths']) if model is not None else build(ckpt['arch'], ckpt['widths'],
+                                                                         ckpt['num_classes'])
+    net.to(device).load_state_dict(ckpt['state_dict'])
+    return net.eval(), {k: v for k, v in ckpt.items() if k != 'state_dict'}
+
+
+@torch.no_grad()
+def fold_bn(model):
+    """A copy of `model` for inference, each Unit's BN folded into its layer: W' = W s, b' = (b - mean) s + beta
+    with s = gamma / sqrt(var + eps) per output channel. In eval mode it computes what `model` computes (up to
+    rounding) with one kernel and one pass over the activations less per unit; it is not for training."""
+    folded = copy.deepcopy(model).eval()
+    for u in units(folded):
+        bn, layer = u.bn, u.layer
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            continue
+        s = torch.rsqrt(bn.running_var + bn.eps) * (bn.weight if bn.affine else 1)
+        layer.weight.mul_(s.view(-1, *[1] * (layer.weight.dim() - 1)))
+        bias = (0 if layer.bias is None else layer.bias) - bn.running_mean
+        layer.bias = nn.Parameter(bias * s + (bn.bias if bn.affine else 0))
+        u.bn = nn.Identity()
+    return folded
+
+
+def onnx_available():
+    """torch's ONNX exporter needs the onnxscript package (which brings onnx)."""
+    return all(importlib.util.find_spec(m) is not None for m in ('onnx', 'onnxscript'))
+
+
+def to_onnx(model, input_shape):
+    """`model` as an ONNX program (torch's exporter), any batch size."""
+    example = (torch.randn(2, *input_shape),)
+    batch = ({0: torch.export.Dim('batch', min=1, max=65536)},)
+    return torch.onnx.export(model, example, dynamo=True, dynamic_shapes=batch, input_names=['input'],
+                             output_names=['logits'], verbose=False)
+
+
+def export_pruned(path, out_path, model=None):
+    """Export a network saved by `save_pruned` for deployment without this file, its BN folded into the layers:
+    ONNX if out_path ends in .onnx (needs onnxscript), else a torch.export program (.pt2, opened with
+    torch.export.load(out_path).module()). Input: float32 (N, C, H, W) images, pixel values in [0, 1] normalised as
+    (x - mean) / std per channel, any batch size N; output: (N, classes) logits. The normalisation and class names
+    are in the ONNX file's metadata_props (lists as JSON text), or in a JSON file next to the .pt2 (same name,
+    .json). model: as for `load_pruned`. Returns the metadata."""
+    net, info = load_pruned(path, model)
+    net, shape = fold_bn(net), info.get('input_shape') or [3, 32, 32]
+    meta = {'arch': info.get('arch'), 'widths': info['widths'], 'classes': info.get('classes'),
+            'num_classes': info.get('num_classes'), 'mean': info.get('mean'), 'std': info.get('std'),
+            'input_layout': 'NCHW', 'input_shape': ['N', *shape],
+            'input': 'float32 images, pixel values in [0, 1], normalised as (x - mean) / std per channel',
+            'output': 'logits, (N, classes)'}
+    if out_path.endswith('.onnx'):
+        import onnx
+        proto = to_onnx(net, shape).model_proto
+        onnx.helper.set_model_props(proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+        onnx.save(proto, out_path)
+    else:
+        batch = ({0: torch.export.Dim('batch', min=1, max=65536)},)
+        torch.export.save(torch.export.export(net, (torch.randn(2, *shape),), dynamic_shapes=batch), out_path)
+        with open(os.path.splitext(out_path)[0] + '.json', 'w') as f:
+            json.dump(meta, f, indent=1)
+    return meta
+
+
+# Inference speed, dense against compact, in each way a user would run a network: `eager` (eval mode as trained),
+# `folded` (BN folded into the layers), `compiled` (torch.compile of the folded network; on CUDA also `cudagraphs`,
+# its reduce-overhead mode, which replays the whole network as one CUDA graph) and `onnxruntime` (the folded
+# network exported to ONNX, run by ONNX Runtime on the CPU, where it is installed).
+SPEED_MODES = ('eager', 'folded', 'compiled', 'cudagraphs', 'onnxruntime')
+
+
+def runner(model, mode, numerics, input_shape):
+    """A callable x -> outputs of `model` (eval mode) run in `mode`; None where that mode cannot run here."""
+    if mode == 'eager':
+        return numerics.place(copy.deepcopy(model).eval())
+    folded = numerics.place(fold_bn(model))
+    if mode == 'folded':
+        return folded
+    if mode in ('compiled', 'cudagraphs'):
+        if mode == 'cudagraphs' and numerics.device.type != 'cuda':
+            return None
+        return torch.compile(folded, mode='reduce-overhead' if mode == 'cudagraphs' else None)
+    if not (onnx_available() and importlib.util.find_spec('onnxruntime')):
+        return None
+    import onnxruntime
+    session = onnxruntime.InferenceSession(to_onnx(folded.cpu().float(), input_shape).model_proto.SerializeToString(),
+                                           providers=['CPUExecutionProvider'])
+    return lambda x: session.run(None, {'input': x.float().cpu().numpy()})
+
+
+@torch.no_grad()
+def inference_speed(dense, pruned, numerics, input_shape, batches, modes=SPEED_MODES):
+    """Rows {mode, batch, dense_ms, pruned_ms, speedup, macs_ratio}: the median latency of a batch, the two networks
+    timed in turns (`time_in_turns`), in every mode that runs here, at every batch size."""
+    macs_ratio = count(dense, input_shape)[1] / count(pruned, input_shape)[1]
+    rows = []
+    for mode in modes:
+        nets = [runner(m, mode, numerics, input_shape) for m in (dense, pruned)]
+        if nets[0] is None:
+            continue
+        for batch in batches:
+            x = numerics.random_input(batch, input_shape)
+            (d, p), spread = time_in_turns(nets, x, numerics)
+            rows.append({'mode': mode, 'batch': batch, 'dense_ms': d, 'pruned_ms': p, 'speedup': d / p,
+                         'macs_ratio': macs_ratio, 'images_per_s': 1000 * batch / p, 'scatter': max(spread)})
+    return rows
+
+
+def speed_table(rows):
+    lines = ['mode         batch   dense ms   pruned ms   speed-up   MAC ratio   pruned img/s',
+             *(f"{r['mode']:12} {r['batch']:5} {r['dense_ms']:10.3f} {r['pruned_ms']:11.3f} {r['speedup']:9.2f}x "
+               f"{r['macs_ratio']:10.2f}x {r['images_per_s']:14,.0f}" for r in rows)]
+    return '\n'.join(lines)
+
+
+# --- 16. The command line ---------------------------------------------------------------------------------------------
+
+BUILT_IN = COSTS + ['latency']  # cost names a budget may use without --cost
+BUDGET_UNITS = {'K': 1e3, 'M': 1e6, 'G': 1e9, 'us': 1e-3, 'ms': 1.0, 's': 1e3}  # counts; latency in ms
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description='Prune a CIFAR network under a budget with constrained RL.')
     p.error = fail  # bad arguments: one line, like every other bad input
-    p.add_argument('--arch', default='vgg16', help=f"one of {', '.join(ARCHS)}")
+    p.add_argument('--arch', help=f"one of {', '.join(ARCHS)} (default: vgg16, or that of --pretrained)")
     p.add_argument('--budget', default='params=0.1', help="comma-separated name=fraction of the dense network or "
                    "name=value with a unit; names: params, macs, latency and those of --cost (e.g. params=0.1,"
                    "macs=40M, latency=0.3, latency=2.5ms)")
@@ -1154,7 +1456,7 @@ def parse_args(argv):
     p.add_argument('--data-root', default='./data', help='where --dataset is downloaded')
     p.add_argument('--subset', type=int, default=0, help='train on this many training images only (0: all)')
     p.add_argument('--pretrained', help='a dense checkpoint (dense.pt of an earlier run): skips dense training')
-    p.add_argument('--width', type=float, default=1.0, help='multiplier of every layer width')
+    p.add_argument('--width', type=float, help='multiplier of every layer width (default: 1, or that of --pretrained)')
     p.add_argument('--dense-epochs', type=int, default=60)
     p.add_argument('--prune-epochs', type=int, default=20)
     p.add_argument('--finetune-epochs', type=int, default=30)
@@ -1177,25 +1479,31 @@ def parse_args(argv):
     p.add_argument('--channels-last', default='auto', choices=['auto', 'on', 'off'],
                    help='channels_last memory format (auto: on CUDA only; on/off: force, on any device)')
     p.add_argument('--compile', action='store_true', help='torch.compile the training steps')
-    p.add_argument('--speed', action='store_true', help='also time inference of the dense and the pruned network')
+    p.add_argument('--speed', nargs='?', const=','.join(SPEED_MODES), metavar='MODES',
+                   help=f"also time inference of the dense and the pruned network in these modes (default: all of "
+                   f"{','.join(SPEED_MODES)} that run here)")
+    p.add_argument('--speed-batch', type=int, help='the large batch of --speed (default: 512 on CUDA, 64 on the CPU; '
+                   'batch 1 is always timed)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--log-every', type=int, default=100, help='steps between progress lines')
     p.add_argument('--tensorboard', action='store_true', help='also write the scalars of metrics.csv as TensorBoard '
                    'events into OUT/tensorboard (needs the tensorboard package)')
-    p.add_argument('--export', action='store_true', help='also export the pruned network: pruned.onnx where '
-                   'onnxscript is installed, else pruned.pt2 (torch.export) with pruned.json')
+    p.add_argument('--export', action='store_true', help='also export the pruned network, BN folded: pruned.onnx '
+                   'where onnxscript is installed, else pruned.pt2 (torch.export) with pruned.json')
     p.add_argument('--out', help='output directory (default: runs/ARCH-BUDGET)')
     p.add_argument('--overwrite', action='store_true', help='replace the results already in --out')
     p.add_argument('--resume', action='store_true', help='continue the interrupted run in --out from its checkpoint')
     p.add_argument('--checkpoint-every', type=float, default=60, metavar='SECONDS',
                    help='least time between two checkpoints (one is always written at the end of each phase)')
     args = p.parse_args(argv)
+    take_pretrained_shape(args)
     if args.arch not in ARCHS:
         fail(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
     names = [spec.partition('=')[0] for spec in args.cost]
     args.budget_parsed = parse_budget(args.budget, BUILT_IN + names)
-    if args.latency_batch < 1:
-        fail('--latency-batch must be >= 1')
+    for name in ('latency_batch', 'speed_batch'):
+        if (getattr(args, name) or 1) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1")
     for name in ('dense_epochs', 'prune_epochs', 'finetune_epochs', 'subset'):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0")
@@ -1216,6 +1524,9 @@ def parse_args(argv):
              f"per mask), so at least 2 x --samples = {2 * args.samples}")
     if not 0 < args.init_keep < 1:
         fail('--init-keep must be in (0, 1)')
+    unknown = set((args.speed or 'eager').split(',')) - set(SPEED_MODES)
+    if unknown:
+        fail(f"--speed {args.speed}: unknown mode {', '.join(sorted(unknown))}; choose from {', '.join(SPEED_MODES)}")
     if args.tensorboard:
         try:
             import torch.utils.tensorboard  # noqa: F401
@@ -1226,7 +1537,26 @@ def parse_args(argv):
     return args
 
 
-UNITS = {'K': 1e3, 'M': 1e6, 'G': 1e9, 'us': 1e-3, 'ms': 1.0, 's': 1e3}  # counts; latency in ms
+def take_pretrained_shape(args):
+    """--arch and --width from the --pretrained checkpoint where it records them; given ones must agree with it."""
+    saved = {}
+    if args.pretrained:
+        if not os.path.isfile(args.pretrained):
+            fail(f"--pretrained {args.pretrained}: no such file")
+        try:
+            ckpt = torch.load(args.pretrained, map_location='cpu', weights_only=True, mmap=True)
+        except Exception as e:
+            fail(f"--pretrained {args.pretrained}: cannot load it ({type(e).__name__}: {first_line(e)})")
+        if isinstance(ckpt, dict) and ckpt.get('arch') in ARCHS and 'widths' in ckpt:
+            arch, widths = ckpt['arch'], ckpt['widths']
+            width = ckpt.get('width') or next((w for w in (c / b for c, b in zip(widths, dense_widths(arch)))
+                                               if dense_widths(arch, w) == widths), widths[0] / 64)
+            saved = {'arch': arch, 'width': width, 'widths': widths}
+    args.arch = args.arch or saved.get('arch', 'vgg16')
+    args.width = saved.get('width', 1.0) if args.width is None else args.width
+    if saved and (args.arch != saved['arch'] or dense_widths(args.arch, args.width) != saved['widths']):
+        fail(f"--pretrained {args.pretrained} holds a {saved['arch']} of width {saved['width']:g}, not a "
+             f"{args.arch} of width {args.width:g}; drop --arch and --width to take the checkpoint's")
 
 
 def parse_budget(text, names=BUILT_IN):
@@ -1241,7 +1571,7 @@ def parse_budget(text, names=BUILT_IN):
             fail(f"--budget {text!r}: unknown cost {name!r}; use {', '.join(names)} (or register one with --cost)")
         if name in budget:
             fail(f"--budget {text!r}: {name} is given twice")
-        unit = next((u for u in sorted(UNITS, key=len, reverse=True) if value.endswith(u)), '')
+        unit = next((u for u in sorted(BUDGET_UNITS, key=len, reverse=True) if value.endswith(u)), '')
         try:
             number = float(value[:len(value) - len(unit)])
         except ValueError:
@@ -1260,50 +1590,11 @@ def resolve_budget(budget, dense):
     """{name: (number, unit)} and the dense network's own value of every cost -> {name: fraction of it}."""
     fractions = {}
     for name, (number, unit) in budget.items():
-        fractions[name] = number * UNITS[unit] / dense[name] if unit else number
+        fractions[name] = number * BUDGET_UNITS[unit] / dense[name] if unit else number
         if fractions[name] > 1:
             fail(f"--budget {name}={number:g}{unit}: more than the dense network's {dense[name]:g}"
                  f"{'ms' if name == 'latency' else ''}; nothing to prune")
     return fractions
-
-
-def load_dense(args, model):
-    """Weights of --pretrained into `model`; any mismatch is a one-line error."""
-    try:
-        ckpt = torch.load(args.pretrained, map_location='cpu', weights_only=True)
-        state = ckpt['state_dict'] if isinstance(ckpt, dict) and 'state_dict' in ckpt else ckpt
-        model.load_state_dict(state)
-        return {k: torch.tensor(ckpt[k]) for k in ('mean', 'std') if k in ckpt}  # the inputs it was trained on
-    except Exception as e:
-        fail(f"--pretrained {args.pretrained}: cannot load it into a dense {args.arch} of width {args.width} "
-             f"({type(e).__name__}: {first_line(e)})")
-
-
-@torch.no_grad()
-def inference_speed(model, data, repeats=20):
-    """Median batch-1 latency (ms) and batch-512 throughput (images/s) in eval mode, with the run's precision and
-    memory format, after 3 warm-up runs; timed with CUDA events on a GPU."""
-    model.eval()
-    median = {b: time_forward(model, image(b, 3, (32, 32), data), data, repeats) for b in (1, 512)}
-    model.train()
-    return {'latency_ms_batch1': 1000 * median[1], 'images_per_s_batch512': 512 / median[512]}
-
-
-def print_speed(results):
-    """The --speed report: wall time and training throughput per phase, then inference of both networks."""
-    print('phase     wall s   train img/s (steady)   first-steps overhead s')
-    for phase in ('dense', 'prune', 'finetune'):
-        print(f"{phase:8} {results['time_s'][phase]:7.1f} {results['images_per_s'][phase]:21.0f} "
-              f"{results['overhead_s'][phase]:24.1f}")
-    d, p = results['speed']['dense'], results['speed']['pruned']
-    print(f"inference  batch-1 latency ms   batch-512 img/s   MACs\n"
-          f"dense      {d['latency_ms_batch1']:18.3f} {d['images_per_s_batch512']:17.0f}   "
-          f"{results['dense']['macs']:,}\n"
-          f"pruned     {p['latency_ms_batch1']:18.3f} {p['images_per_s_batch512']:17.0f}   "
-          f"{results['pruned']['macs']:,}\n"
-          f"speed-up   {d['latency_ms_batch1'] / p['latency_ms_batch1']:18.2f}x "
-          f"{p['images_per_s_batch512'] / d['images_per_s_batch512']:16.2f}x   "
-          f"{results['dense']['macs'] / results['pruned']['macs']:.2f}x fewer")
 
 
 def get_device(name, flag):
@@ -1316,223 +1607,282 @@ def get_device(name, flag):
     return device
 
 
-def build_costs(model, args):
+def build_costs(model, args, input_shape=(3, 32, 32)):
     """Every budgeted cost as a black box C(widths) -> fraction of the dense network, in the budget's order, with
     the dense network's own value of each (for absolute budgets and the report)."""
     names = list(args.budget_parsed)
-    costs = make_costs(model, [n for n in names if n in COSTS])
-    params, macs = measure(model)
-    dense = {'params': params, 'macs': macs}
+    costs = make_costs(model, [n for n in names if n in COSTS], input_shape)
+    dense = dict(zip(COSTS, count(model, input_shape)))
     for spec in args.cost:
         name, cost = user_cost(spec, model)
         costs[name], dense[name] = cost, cost.dense
     if 'latency' in names:
-        costs['latency'] = latency_cost(model, args)
+        costs['latency'] = latency_cost(model, args, input_shape)
         dense['latency'] = costs['latency'].dense_ms
     return {n: costs[n] for n in names}, dense
 
 
-def fit_latency(model, policy, costs, budget, multiple):
-    """The final mask, cut shorter along the same ranking until the compact network's *measured* latency meets its
-    budget: each round holds the prediction to a budget lowered by the measured overshoot (at most 20 rounds of at
-    most 10% each, an overshoot timed again before it is cut). Returns the mask and {'pruned_ms', 'dense_ms'}: the
-    compact and the dense network timed in turns (`time_in_turns`)."""
-    latency, j = costs['latency'], list(costs).index('latency')
-    target, b = budget[j].item(), budget.clone()
-    for _ in range(20):
-        mask = final_mask(policy, costs, b, multiple)
-        small = compact(model, policy.split(mask))
-        small_ms, dense_ms = latency.measure_ms(small, model)
-        if small_ms / dense_ms > target:  # timed again before cutting: one slow moment must not cost channels
-            small_ms, dense_ms = latency.measure_ms(small, model, rounds=5)
-        if small_ms / dense_ms <= target:
-            break
-        b[j] = b[j] * min(max(target * dense_ms / small_ms, 0.9), 0.98)  # cut in steps of 2 to 10%
-        if not within(policy, costs, b, minimal_mask(policy, multiple)):
-            break  # nothing smaller to try: reported as over budget
-    return mask, {'pruned_ms': small_ms, 'dense_ms': dense_ms}
+def load_dense(path, model):
+    """Weights of the dense checkpoint at `path` into `model`, and the input statistics it was trained with."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        model.load_state_dict(ckpt['state_dict'] if isinstance(ckpt, dict) and 'state_dict' in ckpt else ckpt)
+    except Exception as e:
+        fail(f"--pretrained {path}: cannot load it into a dense {model.arch} of widths {group_widths(model)} "
+             f"({type(e).__name__}: {first_line(e)})")
+    return {k: torch.tensor(ckpt[k]) for k in ('mean', 'std') if ckpt.get(k) is not None}
 
 
+RUN_FILES = ('results.json', 'dense.pt', 'pruned.pt', 'checkpoint.pt', 'metrics.csv', 'policy.pt', 'tensorboard')
 EXPORTS = ('pruned.onnx', 'pruned.pt2', 'pruned.json')  # what --export may write into the run folder
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = get_device(args.device, '--device')
-    args.latency_device_t = get_device(args.latency_device, '--latency-device') if args.latency_device else device
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        fail(f"--out {args.out} is a file; choose a directory")
-    outputs = [os.path.join(args.out, f) for f in ('results.json', 'dense.pt', 'pruned.pt', 'checkpoint.pt', *EXPORTS)]
-    written = outputs + [os.path.join(args.out, f) for f in ('metrics.csv', 'policy.pt', 'tensorboard')]
-    if args.resume and os.path.exists(outputs[0]):
-        fail(f"--resume: the run in {args.out} has finished already (results.json)")
-    if not (args.overwrite or args.resume) and any(os.path.exists(f) for f in written):
-        fail(f"--out {args.out} already holds results" + (' of an unfinished run: pass --resume to continue it,'
-             if os.path.exists(outputs[3]) else ';') + " pass --overwrite to replace them or choose another --out")
-    checkpoint = Checkpoint(args)
-    if args.resume and args.latency_table is None and 'latency' in args.budget_parsed:
-        args.latency_table = os.path.join(args.out, 'latency_table.pt')  # the table the interrupted run used
-    try:
-        return run(args, device, outputs, checkpoint)
-    except KeyboardInterrupt:
-        words = sys.argv[1:] if argv is None else list(argv)
-        if checkpoint.saved is None:  # nothing to continue from: the same command starts over
-            command = shlex.join(['python', 'crl_prune.py', *words, *([] if args.overwrite else ['--overwrite'])])
-            raise SystemExit(f"crl_prune: interrupted before the first checkpoint; start again with: {command}")
-        command = shlex.join(['python', 'crl_prune.py', *words, *([] if args.resume else ['--resume'])])
-        raise SystemExit(f"crl_prune: interrupted; {checkpoint.describe()}; resume with: {command}")
+class Pipeline:
+    """What `python crl_prune.py` runs: one method per phase, in order (`__init__` checks, `load`, `dense`, `prune`,
+    `finetune`, `report`, `export`); a resumed run skips what its checkpoint holds."""
 
-
-def run(args, device, outputs, checkpoint):
-    """The pipeline: dense training, CRL pruning, final mask, compaction, fine-tuning; resumed where `checkpoint`
-    was left."""
-    classes = image_folder_splits(args.data)[2] if args.data else {'cifar10': 10, 'cifar100': 100}[args.dataset]
-    if args.pretrained and not os.path.isfile(args.pretrained):
-        fail(f"--pretrained {args.pretrained}: no such file")
-    torch.manual_seed(args.seed)
-    if args.compile:  # each run compiles its own networks: without this a process that calls main() many times
-        torch._dynamo.reset()  # (bench/compare.py) reaches Dynamo's recompile limit and silently runs eagerly
-
-    # The dense network, its costs and the budget's feasibility: all checked before any data is read.
-    widths = dense_widths(args.arch, args.width)
-    model = build(args.arch, widths, classes)
-    stats = load_dense(args, model) if args.pretrained else {}
-    costs, dense_cost = build_costs(model, args)
-    budget_names = list(costs)
-    fraction_budget = resolve_budget(args.budget_parsed, dense_cost)
-    budget = torch.tensor(list(fraction_budget.values()), dtype=torch.float64)
-    policy = Policy(widths, args.init_keep)
-    multiple = args.channel_multiple or (8 if device.type == 'cuda' else 1)
-    if not within(policy, costs, budget, minimal_mask(policy, multiple)):
-        fail(f"--budget {args.budget}: infeasible, even {multiple} channel(s) per group cost more")
-
-    t0 = time.time()
-    data = load_data(args, device)
-    data.update(stats)  # a --pretrained network sees its inputs normalised as in its own training
-    report = checkpoint.report  # what the finished phases measured (filled in as they finish, saved with the state)
-    report.setdefault('time_s', {})['data'] = time.time() - t0
-    model.to(device)
-    if data['channels_last']:
-        model.to(memory_format=torch.channels_last)
-    os.makedirs(args.out, exist_ok=True)
-    stale = [] if args.resume else [outputs[0], outputs[3], *outputs[4:]]  # --overwrite: the replaced run's results,
-    for path in filter(os.path.exists, stale):  # checkpoint and exports go now, so an interruption can be resumed
-        os.remove(path)
-    metrics = Metrics(args.out, budget_names, args.tensorboard, checkpoint.saved)
-    print(f"{args.arch} width {args.width}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{len(data['train'][1])} train / {len(data['test'][1])} test images, {data['classes']} classes, {device}"
-          + (f"; resuming after {checkpoint.saved[0]} epoch {checkpoint.saved[1]}" if checkpoint.saved else ''))
-    speed, times = report.setdefault('speed', {}), report['time_s']
-
-    # 1. the dense network
-    if not checkpoint.reached('prune'):
-        t0 = time.time()
-        speed['dense'] = train(model, data, 0 if args.pretrained else args.dense_epochs, args.lr, args, 'dense',
-                               checkpoint, metrics)
-        times['dense'] = time.time() - t0
-        refuse_diverged(model, 'dense training')
-        save_model(model, outputs[1], data['mean'], data['std'])
-        report['dense_accuracy'] = evaluate(model, data)
-        metrics.test_accuracy('dense', report['dense_accuracy'])
-    print(f"dense accuracy {report['dense_accuracy']:.4f}")
-
-    # 2. CRL: learn the keep-probabilities under the budget while the weights adapt
-    budget, policy = budget.to(device), policy.to(device)
-    if not checkpoint.reached('finetune'):
-        t0 = time.time()
-        speed['prune'], lam = prune(model, policy, costs, budget, data, args, checkpoint, metrics)
-        times['prune'] = time.time() - t0
-        save_atomic({'theta': dict(zip(model.group_names, policy.split(policy.theta.detach().cpu())))},
-                    os.path.join(args.out, 'policy.pt'))  # the final keep-probabilities are sigmoid(theta)
-        report['multipliers'] = dict(zip(budget_names, lam.tolist()))
-        report['keep_probability_mean'] = torch.sigmoid(policy.theta).mean().item()
-
-        # 3. the final mask (for a latency budget: checked by timing the compact network), compacted
-        if 'latency' in costs:
-            mask, report['latency_measured'] = fit_latency(model, policy, costs, budget, multiple)
+    def __init__(self, args):
+        """Every check that needs no data: device, output folder, the network, its costs, the budget's feasibility."""
+        self.args, self.path = args, lambda name: os.path.join(args.out, name)
+        self.device = get_device(args.device, '--device')
+        args.latency_device_t = get_device(args.latency_device, '--latency-device') if args.latency_device else \
+            self.device
+        self.numerics = Numerics(self.device, args.bf16, args.channels_last)
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            fail(f"--out {args.out} is a file; choose a directory")
+        if args.resume and os.path.exists(self.path('results.json')):
+            fail(f"--resume: the run in {args.out} has finished already (results.json)")
+        if not (args.overwrite or args.resume) and any(os.path.exists(self.path(f)) for f in RUN_FILES + EXPORTS):
+            fail(f"--out {args.out} already holds results" + (' of an unfinished run: pass --resume to continue it,'
+                 if os.path.exists(self.path('checkpoint.pt')) else ';') + " pass --overwrite to replace them or "
+                 "choose another --out")
+        self.checkpoint = Checkpoint(args)
+        if args.resume and args.latency_table is None and 'latency' in args.budget_parsed:
+            args.latency_table = self.path('latency_table.pt')  # the table the interrupted run used
+        classes = len(image_folder_splits(args.data)[2]) if args.data else {'cifar10': 10, 'cifar100': 100}[
+            args.dataset]
+        torch.manual_seed(args.seed)
+        if args.compile:  # each run compiles its own networks: without this a process that calls main() many times
+            torch._dynamo.reset()  # (bench/compare.py) reaches Dynamo's recompile limit and silently runs eagerly
+        self.input_shape = (3, 32, 32)  # the loader resizes every image to 32x32
+        self.model = build(args.arch, dense_widths(args.arch, args.width), classes)
+        self.stats = load_dense(args.pretrained, self.model) if args.pretrained else {}
+        self.costs, self.dense_cost = build_costs(self.model, args, self.input_shape)
+        self.fractions = resolve_budget(args.budget_parsed, self.dense_cost)
+        self.budget = torch.tensor(list(self.fractions.values()), dtype=torch.float64)
+        self.multiple = args.channel_multiple or (8 if self.device.type == 'cuda' else 1)
+        widths = group_widths(self.model)
+        smallest = rounded(widths, [1] * len(widths), self.multiple)
+        if 'latency' in self.costs:  # timed, not predicted: a poor prediction must not call a budget infeasible
+            latency = self.costs['latency']
+            (small_ms, dense_ms), _ = latency.measure_ms(shrink(self.model, smallest.tolist()), self.model)
+            feasible = small_ms / dense_ms <= self.fractions['latency'] and within(
+                {n: c for n, c in self.costs.items() if n != 'latency'},
+                torch.tensor([b for n, b in self.fractions.items() if n != 'latency']), smallest)
         else:
-            mask = final_mask(policy, costs, budget, multiple)
-        small = compact(model, policy.split(mask))
-        if args.reinit:  # keep the widths CRL found, train them from random initialisation (Liu et al., ICLR 2019)
-            small = build(args.arch, small.widths, data['classes']).to(device)
-        if data['channels_last']:
-            small.to(memory_format=torch.channels_last)
-        recalibrate_bn(small, data)
-        report['accuracy_before_finetune'], report['widths'] = evaluate(small, data), small.widths
-        metrics.test_accuracy('prune', report['accuracy_before_finetune'])
-    else:  # resumed while fine-tuning: the compact network's shape; `train` restores its weights
-        small = build(args.arch, report['widths'], data['classes']).to(device)
-        if data['channels_last']:
-            small.to(memory_format=torch.channels_last)
-    print(f"compact network kept {small.widths}; accuracy before fine-tuning {report['accuracy_before_finetune']:.4f}")
+            feasible = within(self.costs, self.budget, smallest)
+        if not feasible:
+            fail(f"--budget {args.budget}: infeasible, even {self.multiple} channel(s) per group cost more")
 
-    # 4. fine-tuning
-    t0 = time.time()
-    speed['finetune'] = train(small, data, args.finetune_epochs, args.lr, args, 'finetune', checkpoint, metrics)
-    times['finetune'] = time.time() - t0
-    pruned_acc = evaluate(small, data)
-    metrics.test_accuracy('finetune', pruned_acc)
-    metrics.close()
-    save_model(small, outputs[2], data['mean'], data['std'])
+    def callbacks(self, phase, total_steps):
+        """Progress lines and metrics.csv rows, then checkpoints, as one callback of Part I's loops."""
+        progress = Progress(phase, self.args.log_every, self.device, list(self.costs) if phase == 'prune' else (),
+                            total_steps=total_steps, metrics=self.metrics)
+        self.progress = progress
+        return lambda event: (progress(event), self.checkpoint(event))
 
-    (dp, dm), (pp, pm) = measure(model), measure(small)
-    fractions = {'params': pp / dp, 'macs': pm / dm}  # counted on the compact network itself
-    kept = torch.tensor([small.widths])
-    fractions.update({n: c(kept).item() for n, c in costs.items() if n not in BUILT_IN})  # user costs
-    if 'latency' in costs:
-        fractions['latency'] = report['latency_measured']['pruned_ms'] / report['latency_measured']['dense_ms']
-    results = {
-        'arch': args.arch, 'width': args.width, 'data': args.data or args.dataset, 'device': str(device),
-        'budget': fraction_budget,
-        'budget_absolute': {n: b * dense_cost[n] for n, b in fraction_budget.items()},
-        'budget_met': all(fractions[k] <= b for k, b in fraction_budget.items()),
-        'fractions': {n: fractions[n] for n in budget_names},
-        'dense': {'params': dp, 'macs': dm, 'accuracy': report['dense_accuracy']},
-        'pruned': {'params': pp, 'macs': pm, 'accuracy': pruned_acc,
-                   'accuracy_before_finetune': report['accuracy_before_finetune'],
-                   'params_fraction': fractions['params'], 'macs_fraction': fractions['macs']},
-        'channels': dict(zip(model.group_names, small.widths)),
-        'dense_channels': dict(zip(model.group_names, model.widths)),
-        'keep_probability_mean': report['keep_probability_mean'], 'channel_multiple': multiple,
-        'multipliers': report['multipliers'],
-        'time_s': times, 'images_per_s': {phase: s['images_per_s'] for phase, s in speed.items()},
-        'overhead_s': {phase: s['overhead_s'] for phase, s in speed.items()},
-        'args': {k: v for k, v in vars(args).items() if k not in DERIVED_ARGS},
-    }
-    if 'latency' in costs:
-        lat = costs['latency']
-        results['latency'] = {
-            'device': lat.table['meta']['device'], 'batch': args.latency_batch, 'bf16': lat.run['bf16'],
-            'channels_last': lat.run['channels_last'], 'table_build_s': lat.build_s,
-            'dense_measured_ms': report['latency_measured']['dense_ms'],
-            'dense_predicted_ms': lat.dense_predicted_ms,
-            'pruned_measured_ms': report['latency_measured']['pruned_ms'],
-            'pruned_predicted_ms': lat.predict_ms(kept).item()}
-        r = results['latency']
-        print(f"latency on {r['device']}, batch {args.latency_batch}, timed in turns: dense "
-              f"{r['dense_measured_ms']:.3f} ms, pruned {r['pruned_measured_ms']:.3f} ms "
-              f"({fractions['latency']:.3f} of dense, budget {fraction_budget['latency']:.3f}); "
-              f"predicted {r['pruned_predicted_ms']:.3f} ms")
-    if args.speed:
-        results['speed'] = {'dense': inference_speed(model, data), 'pruned': inference_speed(small, data)}
-        print_speed(results)
-    with open(outputs[0] + '.tmp', 'w') as f:
-        json.dump(results, f, indent=2)
-    os.replace(outputs[0] + '.tmp', outputs[0])
-    if os.path.exists(outputs[3]):
-        os.remove(outputs[3])  # the run is complete: its results replace the checkpoint
-    print(f"dense  {dp:,} params {dm:,} MACs accuracy {report['dense_accuracy']:.4f}\n"
-          f"pruned {pp:,} params ({fractions['params']:.3f}) {pm:,} MACs ({fractions['macs']:.3f}) "
-          f"accuracy {pruned_acc:.4f}; budget met: {results['budget_met']}; results in {args.out}")
-    if args.export:  # last: an export that fails leaves every result of the run saved
-        exported = os.path.join(args.out, 'pruned.onnx' if onnx_available() else 'pruned.pt2')
+    def train(self, model, epochs, phase):
+        """Part I's `train` on the training split, with this run's callbacks; returns the steady-state speed."""
+        a = self.args
+        batches = Batches(self.data, 'train', a.batch_size, train=True)
+        train(model, batches, epochs, a.lr, weight_decay=a.wd, bf16=self.numerics.bf16, compile=a.compile,
+              phase=phase, callback=self.callbacks(phase, epochs * len(batches)), resume=self.checkpoint.resume)
+        return self.progress.speed()
+
+    def load(self):
+        """The data, on the device; the run folder (--overwrite: the replaced run's results go now)."""
+        a, t0 = self.args, time.time()
+        self.data = load_data(a, self.numerics)
+        self.data.update(self.stats)  # a --pretrained network sees its inputs normalised as in its own training
+        self.report = self.checkpoint.report  # what the finished phases measured, saved with every checkpoint
+        self.report.setdefault('time_s', {})['data'] = time.time() - t0
+        self.report.setdefault('speed', {})
+        self.numerics.place(self.model)
+        os.makedirs(a.out, exist_ok=True)
+        if not a.resume:  # so that an interrupted --overwrite can be resumed
+            for path in filter(os.path.exists, map(self.path, ('results.json', 'checkpoint.pt', *EXPORTS))):
+                os.remove(path)
+        self.metrics = Metrics(a.out, list(self.costs), a.tensorboard, self.checkpoint.saved)
+        print(f"{a.arch} width {a.width}: {count(self.model)[0]:,} parameters, {len(self.data['train'][1])} train / "
+              f"{len(self.data['test'][1])} test images, {len(self.data['classes'])} classes, {self.device}"
+              + (f"; resuming after {self.checkpoint.saved[0]} epoch {self.checkpoint.saved[1]}"
+                 if self.checkpoint.saved else ''))
+
+    def save(self, model, name):
+        save_pruned(model, self.path(name), self.data['mean'], self.data['std'], self.data['classes'],
+                    self.input_shape, self.args.width if name == 'dense.pt' else None)
+
+    def dense(self):
+        """Phase 1: the dense network (none to train with --pretrained)."""
+        if not self.checkpoint.reached('prune'):
+            t0 = time.time()
+            epochs = 0 if self.args.pretrained else self.args.dense_epochs
+            self.report['speed']['dense'] = self.train(self.model, epochs, 'dense')
+            self.report['time_s']['dense'] = time.time() - t0
+            refuse_diverged(self.model, 'dense training')
+            self.save(self.model, 'dense.pt')
+            self.report['dense_accuracy'] = evaluate(self.model, self.data)
+            self.metrics.test_accuracy('dense', self.report['dense_accuracy'])
+        print(f"dense accuracy {self.report['dense_accuracy']:.4f}")
+
+    def prune(self):
+        """Phase 2: CRL learns the keep-probabilities under the budget while the weights adapt; then the final mask
+        (under a latency budget: found by timing the compact networks), compaction and BN recalibration."""
+        a, report, numerics = self.args, self.report, self.numerics
+        if self.checkpoint.reached('finetune'):  # resumed while fine-tuning: `train` restores the weights
+            self.small = numerics.place(build(a.arch, report['widths'], len(self.data['classes'])))
+            print(f"compact network kept {report['widths']}")
+            return
+        t0, k = time.time(), a.samples
+        batches = Batches(self.data, 'train', max(a.batch_size // k, 1), train=True,
+                          steps=max(len(self.data['train'][1]) // a.batch_size, 1))  # as many images as a dense epoch
+        budget = self.budget.to(self.device)
+        policy, lam = prune(self.model, self.costs, budget, batches, a.prune_epochs, samples=k, lr=a.prune_lr,
+                            weight_decay=a.wd, policy_lr=a.policy_lr, dual_lr=a.dual_lr, damping=a.damping,
+                            init_keep=a.init_keep, bf16=numerics.bf16, compile=a.compile,
+                            callback=self.callbacks('prune', a.prune_epochs * len(batches)),
+                            resume=self.checkpoint.resume)
+        report['speed']['prune'], report['time_s']['prune'] = self.progress.speed(), time.time() - t0
+        names = group_names(self.model)
+        save_atomic({'theta': dict(zip(names, policy.split(policy.theta.detach().cpu())))}, self.path('policy.pt'))
+        report['multipliers'] = dict(zip(self.costs, lam.tolist()))
+        report['keep_probability_mean'] = torch.sigmoid(policy.theta).mean().item()
+        expected = policy.kept(torch.sigmoid(policy.theta.detach())[None])  # the policy's mean widths
+        report['expected_cost'] = {n: c(expected).item() for n, c in self.costs.items()}
+        if 'latency' in self.costs:
+            mask, report['latency_measured'] = fit_latency(self.model, policy, self.costs, budget, self.multiple)
+        else:
+            mask = final_mask(policy, self.costs, budget, self.multiple)
+        small = compact(self.model, policy.split(mask))
+        if a.reinit:  # keep the widths CRL found, train them from random initialisation (Liu et al., ICLR 2019)
+            small = build(a.arch, group_widths(small), len(self.data['classes']))
+        self.small = numerics.place(small)
+        recalibrate_bn(self.small, Batches(self.data, 'train', a.batch_size, train=True), bf16=numerics.bf16)
+        report['accuracy_before_finetune'], report['widths'] = evaluate(self.small, self.data), group_widths(small)
+        self.metrics.test_accuracy('prune', report['accuracy_before_finetune'])
+        print(f"compact network kept {report['widths']}; accuracy before fine-tuning "
+              f"{report['accuracy_before_finetune']:.4f}")
+        for name, cost in report['expected_cost'].items():
+            budget_j = self.fractions[name]
+            if abs(cost - budget_j) > 0.25 * budget_j:
+                print(f"note: pruning ended with the policy's expected {name} at {cost:.3f} against a budget of "
+                      f"{budget_j:.3f}; the final mask {'cut' if cost > budget_j else 'filled'} the difference by "
+                      f"ranking alone. More --prune-epochs (or a larger --dual-lr) bring the policy to the budget.")
+
+    def finetune(self):
+        """Phase 3: fine-tuning of the compact network (--reinit: its training from scratch)."""
+        t0 = time.time()
+        self.report['speed']['finetune'] = self.train(self.small, self.args.finetune_epochs, 'finetune')
+        self.report['time_s']['finetune'] = time.time() - t0
+        self.accuracy = evaluate(self.small, self.data)
+        self.metrics.test_accuracy('finetune', self.accuracy)
+        self.metrics.close()
+        self.save(self.small, 'pruned.pt')
+
+    def report_results(self):
+        """results.json (written atomically, replacing the checkpoint) and the summary lines."""
+        a, report, model, small = self.args, self.report, self.model, self.small
+        (dp, dm), (pp, pm) = count(model, self.input_shape), count(small, self.input_shape)
+        fractions = {'params': pp / dp, 'macs': pm / dm}  # counted on the compact network itself
+        kept = torch.tensor([group_widths(small)])
+        fractions.update({n: c(kept).item() for n, c in self.costs.items() if n not in BUILT_IN})  # user costs
+        if 'latency' in self.costs:
+            fractions['latency'] = report['latency_measured']['pruned_ms'] / report['latency_measured']['dense_ms']
+        names = group_names(model)
+        results = {
+            'arch': a.arch, 'width': a.width, 'data': a.data or a.dataset, 'device': str(self.device),
+            'budget': self.fractions,
+            'budget_absolute': {n: b * self.dense_cost[n] for n, b in self.fractions.items()},
+            'budget_met': all(fractions[k] <= b for k, b in self.fractions.items()),
+            'fractions': {n: fractions[n] for n in self.costs},
+            'expected_cost_after_pruning': report.get('expected_cost'),
+            'dense': {'params': dp, 'macs': dm, 'accuracy': report['dense_accuracy']},
+            'pruned': {'params': pp, 'macs': pm, 'accuracy': self.accuracy,
+                       'accuracy_before_finetune': report['accuracy_before_finetune'],
+                       'params_fraction': fractions['params'], 'macs_fraction': fractions['macs']},
+            'channels': dict(zip(names, group_widths(small))), 'dense_channels': dict(zip(names, group_widths(model))),
+            'keep_probability_mean': report['keep_probability_mean'], 'channel_multiple': self.multiple,
+            'multipliers': report['multipliers'], 'time_s': report['time_s'],
+            'images_per_s': {phase: s['images_per_s'] for phase, s in report['speed'].items()},
+            'overhead_s': {phase: s['overhead_s'] for phase, s in report['speed'].items()},
+            'args': {k: v for k, v in vars(a).items() if k not in DERIVED_ARGS},
+        }
+        if 'latency' in self.costs:
+            lat, measured = self.costs['latency'], report['latency_measured']
+            results['latency'] = {
+                **lat.numerics.describe(), 'device': lat.table['meta']['device'], 'batch': a.latency_batch,
+                'table_build_s': lat.build_s, 'fit': lat.table.get('fit'),
+                'dense_measured_ms': measured['dense_ms'], 'dense_predicted_ms': lat.dense_predicted_ms,
+                'pruned_measured_ms': measured['pruned_ms'], 'pruned_predicted_ms': lat.predict_ms(kept).item(),
+                'budget_used': fractions['latency'] / self.fractions['latency'], 'scatter': measured['scatter'],
+                'noisy': measured['scatter'] > 0.25, 'networks_timed': measured['timings']}
+            r = results['latency']
+            print(f"latency on {r['device']}, batch {a.latency_batch}, timed in turns: dense "
+                  f"{r['dense_measured_ms']:.3f} ms, pruned {r['pruned_measured_ms']:.3f} ms "
+                  f"({fractions['latency']:.3f} of dense, budget {self.fractions['latency']:.3f}, "
+                  f"{100 * r['budget_used']:.0f}% used); predicted {r['pruned_predicted_ms']:.3f} ms"
+                  + ('; the timings scattered widely (busy machine?)' if r['noisy'] else ''))
+        if a.speed:
+            batch = a.speed_batch or (512 if self.device.type == 'cuda' else 64)
+            results['speed'] = inference_speed(model, small, self.numerics, self.input_shape, (1, batch),
+                                               a.speed.split(','))
+            print(speed_table(results['speed']))
+        save_atomic(results, self.path('results.json'))
+        if os.path.exists(self.path('checkpoint.pt')):
+            os.remove(self.path('checkpoint.pt'))  # the run is complete: its results replace the checkpoint
+        print(f"dense  {dp:,} params {dm:,} MACs accuracy {report['dense_accuracy']:.4f}\n"
+              f"pruned {pp:,} params ({fractions['params']:.3f}) {pm:,} MACs ({fractions['macs']:.3f}) "
+              f"accuracy {self.accuracy:.4f}; budget met: {results['budget_met']}; results in {a.out}")
+        return results
+
+    def export(self):
+        """Last: an export that fails leaves every result of the run saved."""
+        exported = self.path('pruned.onnx' if onnx_available() else 'pruned.pt2')
         try:
-            export_pruned(outputs[2], exported)
+            export_pruned(self.path('pruned.pt'), exported)
         except Exception as e:
             fail(f"--export to {exported} failed ({type(e).__name__}: {first_line(e)}); the run's results are saved "
-                 f"in {args.out}")
+                 f"in {self.args.out}")
         print(f"exported the pruned network to {exported}")
-    return results
+
+
+def main(argv=None):
+    """The command line. Returns the results (as in results.json); bad input ends in one line on stderr and exit
+    status 1, Ctrl-C in the command that resumes the run."""
+    pipeline = None
+    try:
+        args = parse_args(argv)
+        pipeline = Pipeline(args)
+        pipeline.load()
+        pipeline.dense()
+        pipeline.prune()
+        pipeline.finetune()
+        results = pipeline.report_results()
+        if args.export:
+            pipeline.export()
+        return results
+    except CRLError as e:
+        raise SystemExit(f"crl_prune: error: {e}") from None
+    except KeyboardInterrupt:
+        if pipeline is None:
+            raise
+        words = [sys.argv[0] if argv is None else os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else
+                                                                               list(argv))
+        if pipeline.checkpoint.saved is None:  # nothing to continue from: the same command starts over
+            command = shlex.join(['python', *words, *([] if args.overwrite else ['--overwrite'])])
+            raise SystemExit(f"crl_prune: interrupted before the first checkpoint; start again with: {command}")
+        command = shlex.join(['python', *words, *([] if args.resume else ['--resume'])])
+        raise SystemExit(f"crl_prune: interrupted; {pipeline.checkpoint.describe()}; resume with: {command}")
 
 
 if __name__ == '__main__':

@@ -61,7 +61,7 @@ def epochs(method, d, p, f):
 def uniform_widths(model, fraction):
     """Widths keeping the same ratio r of every group, the largest r whose network meets the parameter budget."""
     params = crl.make_costs(model, ['params'])['params']
-    dense = torch.tensor(model.widths)
+    dense = torch.tensor(crl.group_widths(model))
     widths = lambda r: (dense * r).round().clamp(min=1).long()  # noqa: E731
     lo, hi = 0.0, 1.0
     for _ in range(40):  # bisection: the cost never falls when r grows
@@ -73,7 +73,7 @@ def uniform_widths(model, fraction):
 def channel_masks(model, widths, how, seed):
     """One 0/1 vector per group keeping widths[g] of its channels: those whose filters have the largest L1 norm
     (summed over the layers that produce the group), or random ones."""
-    norms = [torch.zeros(w) for w in model.widths]
+    norms = [torch.zeros(w) for w in crl.group_widths(model)]
     for u in crl.units(model):
         if u.out is not None:
             norms[u.out] += u.layer.weight.detach().flatten(1).abs().sum(1).cpu()
@@ -85,8 +85,7 @@ def channel_masks(model, widths, how, seed):
 
 def kept_widths(model):
     """Channels of every group, read off the layers (Torch-Pruning shrinks them in place)."""
-    out = {u.out: u.layer.weight.shape[0] for u in crl.units(model) if u.out is not None}
-    return [out[g] for g in sorted(out)]
+    return crl.group_widths(model)
 
 
 def pruner(model, method, reg, steps):
@@ -110,9 +109,9 @@ def pruner(model, method, reg, steps):
 
 def prune_to(model, pruner, fraction):
     """Step `pruner` until the parameters of `model` meet the budget `fraction` of its count now."""
-    dense = crl.measure(model)[0]
+    dense = crl.count(model)[0]
     for _ in range(pruner.iterative_steps):
-        if crl.measure(model)[0] <= fraction * dense:
+        if crl.count(model)[0] <= fraction * dense:
             break
         pruner.step()
     return model
@@ -123,14 +122,22 @@ def sparsity_learning(model, pruner, data, epochs, targs, name):
     from torch.optim.optimizer import register_optimizer_step_pre_hook
     hook = register_optimizer_step_pre_hook(lambda opt, a, kw: pruner.regularize(model))
     try:
-        crl.train(model, data, epochs, targs.prune_lr, targs, name)
+        fit(model, data, epochs, targs.prune_lr, targs, name)
     finally:
         hook.remove()
 
 
 def channels_last(model, data):
     """The memory format crl_prune gives its networks on CUDA, so that every row trains alike."""
-    return model.to(memory_format=torch.channels_last) if data['channels_last'] else model
+    return data['numerics'].place(model)
+
+
+def fit(model, data, epochs, lr, targs, phase):
+    """crl_prune's supervised training (SGD, Nesterov, cosine from `lr`) on the training split, with progress lines."""
+    batches = crl.Batches(data, 'train', targs.batch_size, train=True)
+    progress = crl.Progress(phase, targs.log_every, data['numerics'].device, total_steps=epochs * len(batches))
+    return crl.train(model, batches, epochs, lr, weight_decay=targs.wd, bf16=data['numerics'].bf16,
+                     compile=targs.compile, phase=phase, callback=progress)
 
 
 def baseline(method, crl_widths, dense_path, data, fraction, seed, args, targs):
@@ -138,13 +145,13 @@ def baseline(method, crl_widths, dense_path, data, fraction, seed, args, targs):
     phase (None for a network trained from scratch) and the seconds spent before that phase."""
     torch.manual_seed(seed)
     device = data['train'][0].device
-    dense = channels_last(crl.load_pruned(dense_path, device).train(), data)
+    dense = channels_last(crl.load_pruned(dense_path, device=device)[0].train(), data)
     e = epochs(method, args.dense_epochs, args.prune_epochs, args.finetune_epochs)
     t0 = time.time()
     if method.endswith('scratch'):
         widths = crl_widths if method == 'scratch' else uniform_widths(dense, fraction)
         model = channels_last(crl.build(dense.arch, widths, dense.num_classes).to(device), data)
-        crl.train(model, data, e['scratch'], targs.lr, targs, method)
+        fit(model, data, e['scratch'], targs.lr, targs, method)
         return model, None, 0.0
     if method.startswith('crl-widths'):
         model = crl.compact(dense, channel_masks(dense, crl_widths, method.split('-')[-1], seed))
@@ -157,9 +164,9 @@ def baseline(method, crl_widths, dense_path, data, fraction, seed, args, targs):
         prune_to(model, p, fraction)
     prune_s = time.time() - t0
     model = channels_last(model, data)
-    crl.recalibrate_bn(model, data)  # as crl_prune does before its own pre-fine-tune figure
+    crl.recalibrate_bn(model, crl.Batches(data, 'train', targs.batch_size, train=True))  # as crl_prune does
     before = crl.evaluate(model, data)
-    crl.train(model, data, e['finetune'], targs.lr, targs, method)
+    fit(model, data, e['finetune'], targs.lr, targs, method)
     return model, before, prune_s
 
 
@@ -241,11 +248,11 @@ def main(argv=None):
                   '--overwrite', '--out', os.path.join(args.out, 'dense')])
     targs = crl.parse_args([*common, '--pretrained', dense_path])
     device = crl.get_device(args.device, '--device')
-    data = crl.load_data(targs, device)
+    data = crl.load_data(targs, crl.Numerics(device, targs.bf16, targs.channels_last))
     ckpt = torch.load(dense_path, map_location='cpu', weights_only=True)
     data.update({k: torch.tensor(ckpt[k]) for k in ('mean', 'std') if k in ckpt})  # its inputs, as CRL's rows see them
-    dense_model = crl.load_pruned(dense_path, device)
-    dp, dm = crl.measure(dense_model)
+    dense_model, _ = crl.load_pruned(dense_path, device=device)
+    dp, dm = crl.count(dense_model)
     dense = {'params': dp, 'macs': dm, 'accuracy': crl.evaluate(dense_model, data)}
     print(f"dense checkpoint {dense_path}: {dense}", flush=True)
 
@@ -285,7 +292,7 @@ def main(argv=None):
                                  f"seed {seed}: add crl to --methods")
                     widths = list(source['channels'].values()) if method in FROM_CRL else None
                     model, before, prune_s = baseline(method, widths, dense_path, data, fraction, seed, args, targs)
-                    params, macs = crl.measure(model)
+                    params, macs = crl.count(model)
                     acc = crl.evaluate(model, data)
                     extra = {'accuracy_before_finetune': before,
                              'channels': dict(zip(dense_model.group_names, kept_widths(model))),

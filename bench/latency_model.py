@@ -31,26 +31,28 @@ def main():
     p.add_argument('--channels-last', default='auto', choices=['auto', 'on', 'off'])
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args()
-    run = crl.numerics(torch.device(args.device), args.bf16, args.channels_last)
+    numerics = crl.Numerics(torch.device(args.device), args.bf16, args.channels_last)
     model = crl.build(args.arch, crl.dense_widths(args.arch, args.width), 10)
     t0 = time.time()
-    table = crl.build_latency_table(model, run, args.batch)
+    table = crl.build_latency_table(model, numerics, args.batch)
     build_s = time.time() - t0
-    cost = crl.Latency(table, run)
+    cost = crl.Latency(table, numerics)
     g = torch.Generator().manual_seed(args.seed)
-    dense = torch.tensor(model.widths)
+    dense = torch.tensor(crl.group_widths(model))
     errors = []
-    print(f"{args.arch} width {args.width} on {table['meta']['device']}, batch {args.batch}, bf16 {run['bf16']}, "
-          f"channels_last {run['channels_last']}, torch {torch.__version__}")
+    print(f"{args.arch} width {args.width} on {table['meta']['device']}, batch {args.batch}, bf16 {numerics.bf16}, "
+          f"channels_last {numerics.channels_last}, torch {torch.__version__}")
+    fit = table['fit']
     print(f"table: {len(table['units'])} units, built in {build_s:.1f} s; dense {table['dense_ms']:.3f} ms measured, "
-          f"a {table['a']:.3f}, b {table['b']:.3f} ms\n")
+          f"fit a {fit['a']:.3f}, b {fit['b']:.3f} ms, R^2 {fit['r2']:.3f}"
+          + (f" (degenerate: {fit['note']})" if fit['degenerate'] else '') + "\n")
     print('| predicted ms | measured ms | relative error | widths |')
     print('|---|---|---|---|')
     for _ in range(args.samples):
         keep = torch.rand(len(dense), generator=g) * 0.95 + 0.05
         widths = (dense * keep).round().clamp(min=1).long()
         predicted = cost.predict_ms(widths[None]).item()
-        measured = cost.measure_ms(crl.build(args.arch, widths.tolist(), 10))[0]
+        (measured,), _ = cost.measure_ms(crl.shrink(model, widths.tolist()))
         errors.append((predicted - measured) / measured)
         print(f"| {predicted:.3f} | {measured:.3f} | {100 * errors[-1]:+.1f}% | {' '.join(map(str, widths.tolist()))} |",
               flush=True)

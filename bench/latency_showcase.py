@@ -63,12 +63,11 @@ def main():
 
     # uniform: the widest uniformly thinned network whose measured latency meets the budget
     meta = torch.load(table, weights_only=True)
-    run = crl.numerics(torch.device(args.latency_device))
-    cost, reference = crl.Latency(meta, run), crl.load_pruned(dense)
+    cost, (reference, _) = crl.Latency(meta, crl.Numerics(torch.device(args.latency_device))), crl.load_pruned(dense)
     width = args.width
     while width > 0.01:
         uniform = crl.build(args.arch, crl.dense_widths(args.arch, width), reference.num_classes)
-        small_ms, dense_ms = cost.measure_ms(uniform, reference)
+        (small_ms, dense_ms), _ = cost.measure_ms(uniform, reference)
         if small_ms / dense_ms <= args.latency:
             break
         width *= 0.97
@@ -79,9 +78,9 @@ def main():
 
     # every network timed again, in turns, on equal terms
     folders = ['crl-latency', 'crl-params-equal', 'crl-params-tuned', 'uniform']
-    nets = [crl.load_pruned(os.path.join(args.out, f, 'dense.pt' if f == 'uniform' else 'pruned.pt'))
+    nets = [crl.load_pruned(os.path.join(args.out, f, 'dense.pt' if f == 'uniform' else 'pruned.pt'))[0]
             for f in folders]
-    together = cost.measure_ms(reference, *nets, rounds=args.rounds)
+    together, _ = cost.measure_ms(reference, *nets, rounds=args.rounds)
 
     print(f"\n{args.arch} width {args.width}, latency on {meta['meta']['device']} at batch {args.latency_batch}, "
           f"budget {args.latency} of the dense network; dense {meta['dense_ms']:.3f} ms when its table was built, "
@@ -92,15 +91,15 @@ def main():
     dp, dm = rows['crl-latency']['dense']['params'], rows['crl-latency']['dense']['macs']
     for i, (name, r) in enumerate(rows.items(), 1):
         net = nets[i - 1]
-        widths = torch.tensor([net.widths])
-        (params, macs), acc = crl.measure(net), r['pruned']['accuracy']
+        widths = torch.tensor([crl.group_widths(net)])
+        (params, macs), acc = crl.count(net), r['pruned']['accuracy']
         if name.startswith('uniform'):  # measured when its width was searched
             acc, measured = r['dense']['accuracy'], small_ms
         else:
             measured = r['latency']['pruned_measured_ms']
         print(f"| {name} | {100 * acc:.2f} | {params:,} ({params / dp:.3f}) | {macs / 1e6:.2f}M ({macs / dm:.3f}) | "
               f"{cost.predict_ms(widths).item():.3f} / {measured:.3f} / {together[i]:.3f} ({together[i] / together[0]:.3f})"
-              f" | {' '.join(map(str, net.widths))} |")
+              f" | {' '.join(map(str, crl.group_widths(net)))} |")
 
 
 if __name__ == '__main__':
