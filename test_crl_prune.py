@@ -1258,3 +1258,198 @@ def test_plot_script_reads_every_compare_format(tmp_path):
     with pytest.raises(SystemExit, match='not bench/compare.py results'):
         plot.main(['--compare', str(tmp_path / 'other.json'), '--out', str(tmp_path / 'none')])
     assert not (tmp_path / 'none').exists()
+
+
+# --- Part I on a network of your own: the README's example, depthwise and grouped convolutions, the library call ----
+
+def readme_block(first_line):
+    """The README's python code block whose first line is `first_line`."""
+    text = open(os.path.join(HERE, 'README.md')).read()
+    blocks = [b.split('```')[0] for b in text.split('```python\n')[1:]]
+    return next(b for b in blocks if b.startswith(first_line))
+
+
+@pytest.fixture(scope='module')
+def own_network(tmp_path_factory):
+    """The README's "Prune your own network" code, run as its user would: mynet.py prunes and saves, load_it.py
+    loads the saved network in a fresh interpreter."""
+    root = tmp_path_factory.mktemp('own')
+    env = {**os.environ, 'PYTHONPATH': HERE}
+    runs = {}
+    for name in ('mynet.py', 'load_it.py'):
+        (root / name).write_text(readme_block(f'# {name}'))
+        runs[name] = subprocess.run([sys.executable, name], capture_output=True, text=True, cwd=root, env=env)
+        assert runs[name].returncode == 0, runs[name].stderr
+    sys.path.insert(0, str(root))
+    try:
+        import mynet
+    finally:
+        sys.path.remove(str(root))
+    return root, mynet, runs
+
+
+def test_readme_example_prunes_its_own_network_within_budget_and_reloads_elsewhere(own_network):
+    root, mynet, runs = own_network
+    user_lines = [line for name in ('mynet.py', 'load_it.py') for line in (root / name).read_text().splitlines()
+                  if line.strip() and not line.strip().startswith('#')]
+    assert len(user_lines) <= 40
+    dense = mynet.MyNet()
+    small, info = crl.load_pruned(root / 'mynet_pruned.pt', model=mynet.MyNet())
+    (dp, dm), (sp, sm) = crl.count(dense), crl.count(small)
+    assert sp <= 0.3 * dp and sm <= 0.5 * dm  # the budget {'params': 0.3, 'macs': 0.5}, met by the saved network
+    assert info['widths'] == crl.group_widths(small) and info['group_names'] == ['stream', 'inner', 'wide']
+    printed = runs['mynet.py'].stdout.split('\n')[0]
+    assert printed == f"{info['widths']} {(sp, sm)}"  # the pruning process saw the network that was loaded
+    assert runs['load_it.py'].stdout.strip() == f"{info['widths']} torch.Size([1, 10])"
+    saved = torch.load(root / 'mynet_pruned.pt', weights_only=True)['state_dict']
+    assert all(torch.equal(saved[k], v) for k, v in small.state_dict().items())
+
+
+def test_own_network_costs_and_compaction_are_exact(own_network):
+    """Residual addition and depthwise convolution: the cost functions equal the counts of the compact network, and
+    the compact network computes what the masked one does."""
+    _, mynet, _ = own_network
+    torch.manual_seed(0)
+    model = randomise_bn(mynet.MyNet()).eval()
+    costs = crl.make_costs(model)
+    policy = crl.Policy(crl.group_widths(model), 0.5)
+    dense = crl.count(model)
+    x = torch.randn(3, 3, 32, 32)
+    for keep in (0.2, 0.5, 0.9):
+        mask = random_mask(policy, keep)
+        small = crl.compact(model, policy.split(mask))
+        kept = policy.kept(mask[None])
+        assert [costs[c](kept).item() * d for c, d in zip(costs, dense)] == pytest.approx(crl.count(small), rel=1e-12)
+        torch.testing.assert_close(small(x), model(x, [g[None] for g in policy.split(mask)]), rtol=1e-4, atol=1e-5)
+    assert small.dw.layer.groups == small.dw.layer.in_channels == small.dw.layer.out_channels == kept[0, 0]
+
+
+class TwoConvs(nn.Module):
+    """A plain conv on the image (never pruned), a Unit, then `tail` on the Unit's channels."""
+
+    def __init__(self, tail):
+        super().__init__()
+        self.head = nn.Conv2d(3, 3, 1)
+        self.unit = crl.Unit(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), None, 0)
+        self.tail = tail
+
+    def forward(self, x, masks=None):
+        return self.tail(F.relu(self.unit(self.head(x), masks))).mean((2, 3))
+
+
+def test_costs_count_layers_outside_units_and_refuse_ones_that_read_pruned_channels():
+    model = TwoConvs(crl.Unit(nn.Conv2d(8, 4, 1), nn.Identity(), 0, None))
+    costs, dense = crl.make_costs(model), crl.count(model)
+    for k in (1, 5, 8):
+        small = crl.shrink(model, [k])
+        assert [costs[c](torch.tensor([[k]])).item() * d for c, d in zip(costs, dense)] == pytest.approx(
+            crl.count(small), rel=1e-12)  # the plain head conv is a constant of both counts
+    with pytest.raises(crl.CRLError, match='outside the Units'):
+        crl.make_costs(TwoConvs(nn.Conv2d(8, 4, 1)))  # a plain conv reading group 0: compaction would break it
+
+
+def test_grouped_and_depthwise_convolutions_are_checked():
+    with pytest.raises(crl.CRLError, match='grouped convolution'):
+        crl.Unit(nn.Conv2d(8, 8, 3, groups=2), nn.BatchNorm2d(8), 0, 1)
+    with pytest.raises(crl.CRLError, match='one group'):
+        crl.Unit(nn.Conv2d(8, 8, 3, groups=8), nn.BatchNorm2d(8), 0, 1)
+    with pytest.raises(crl.CRLError, match='convolution or nn.Linear'):
+        crl.Unit(nn.ConvTranspose2d(8, 8, 3), nn.BatchNorm2d(8), 0, 1)
+    unit = crl.Unit(nn.Conv2d(8, 8, 3, groups=8), nn.BatchNorm2d(8), 0, 0)
+    assert unit.dim_groups(unit.layer.weight) == [(0, 0)]  # its weight's dim 1 (one input channel) is no group
+    with pytest.raises(crl.CRLError, match='group 0 has'):
+        crl.group_widths(nn.Sequential(crl.Unit(nn.Conv2d(3, 8, 3), nn.Identity(), None, 0),
+                                       crl.Unit(nn.Conv2d(4, 2, 3), nn.Identity(), 0, None)))
+
+
+def test_prune_network_refuses_bad_budgets_before_any_training():
+    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 3)
+    steps = []
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,)))]
+    for budget, message in [({'flops': 0.1}, 'no cost named'), ({'params': 1.5}, 'in \\(0, 1\\]'),
+                            ({'params': 1e-5}, 'infeasible'), ({}, 'no cost')]:
+        with pytest.raises(crl.CRLError, match=message):
+            crl.prune_network(model, batches, budget, callback=steps.append)
+    assert steps == []
+
+
+def test_prune_network_meets_a_users_cost_and_fine_tunes():
+    torch.manual_seed(0)
+    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 3)
+    data = signal_data(64)
+    batches = crl.Batches(data, 'train', 8, train=True)
+    energy = lambda w: (w.double() ** 2).sum(-1) / (torch.tensor(crl.group_widths(model)) ** 2).sum()  # noqa: E731
+    events = []
+    small = crl.prune_network(model, batches, {'energy': 0.3, 'params': 0.8}, costs={'energy': energy},
+                              prune_epochs=1, finetune_epochs=1, samples=4, callback=events.append)
+    assert energy(torch.tensor(crl.group_widths(small))).item() <= 0.3
+    assert crl.count(small)[0] <= 0.8 * crl.count(model)[0]
+    assert [(e['phase'], e['step']) for e in events] == [(p, s) for p in ('prune', 'finetune') for s in
+                                                         [*range(1, 9), None]]
+    assert all(e['cost'].shape == (4, 2) for e in events if e['phase'] == 'prune' and e['step'])
+
+
+def test_training_ends_with_the_statistics_of_the_final_weights():
+    """A short phase leaves BN's running averages far from the final network's statistics: `train` measures them
+    afresh at its end."""
+    torch.manual_seed(8)
+    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 2)
+    data = signal_data(64)
+    crl.train(model, crl.Batches(data, 'train', 32, train=True), 1, 0.01)
+    x = torch.cat([xb for xb, _ in crl.Batches(data, 'train', 64, train=False)])
+    first = crl.units(model)[0]
+    with torch.no_grad():
+        out = first.layer(crl.augment(x))
+    torch.testing.assert_close(first.bn.running_mean, out.mean((0, 2, 3)), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize('arch', ['vgg11', 'resnet18'])
+def test_folded_bn_computes_what_the_network_computes(arch):
+    torch.manual_seed(9)
+    model = randomise_bn(crl.build(arch, crl.dense_widths(arch, 0.125), 10)).eval()
+    folded = crl.fold_bn(model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())  # the original is kept
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+# --- the command line's handling of what a user saved ----------------------------------------------------------------
+
+def test_pretrained_gives_the_architecture_and_width(tmp_path, tiny):
+    first = tmp_path / 'first'
+    crl.main([*TINY, '--data', tiny, '--out', str(first)])
+    plain = [a for a in TINY if a not in ('--arch', 'vgg11', '--width', '0.0625')]
+    r = crl.main([*plain, '--data', tiny, '--out', str(tmp_path / 'again'), '--pretrained', str(first / 'dense.pt')])
+    assert (r['arch'], r['width']) == ('vgg11', 0.0625)
+    with pytest.raises(SystemExit, match='holds a vgg11 of width 0.0625, not a vgg11 of width 0.25'):
+        crl.main([*plain, '--width', '0.25', '--data', tiny, '--out', str(tmp_path / 'x'), '--pretrained',
+                  str(first / 'dense.pt')])
+    assert not (tmp_path / 'x').exists()
+
+
+def test_load_pruned_gives_what_a_deployer_needs(logged_run):
+    out, results, printed = logged_run
+    net, info = crl.load_pruned(out / 'pruned.pt')
+    assert not net.training and info['classes'] == ['class0', 'class1', 'class2']
+    assert len(info['mean']) == len(info['std']) == 3 and info['input_shape'] == [3, 32, 32]
+    assert info['widths'] == list(results['channels'].values())
+    with pytest.raises(crl.CRLError, match='pass model='):
+        torch.save({**torch.load(out / 'pruned.pt', weights_only=True), 'arch': None}, out / 'own.pt')
+        crl.load_pruned(out / 'own.pt')
+
+
+def test_a_policy_far_from_its_budget_is_reported(logged_run):
+    out, results, printed = logged_run
+    expected = results['expected_cost_after_pruning']
+    assert set(expected) == {'params', 'macs'} and expected['params'] > 1.25 * 0.3  # one short epoch: far from it
+    assert any(line.startswith("note: pruning ended with the policy's expected params at") for line in printed)
+
+
+def test_the_resume_command_names_the_script_that_was_run(tmp_path, tiny, monkeypatch):
+    argv = [*RESUMABLE, '--data', tiny, '--out', str(tmp_path / 'out')]
+    monkeypatch.setattr(sys, 'argv', ['some/where/crl_prune.py', *argv])
+    interrupt_at(monkeypatch, 8)
+    with pytest.raises(SystemExit) as e:
+        crl.main()
+    assert str(e.value.code).endswith(shlex.join(['python', 'some/where/crl_prune.py', *argv, '--resume']))
