@@ -295,14 +295,12 @@ def make_costs(model, names=COSTS, input_shape=(3, 32, 32)):
 
     dense, probe = torch.tensor(widths), [torch.arange(w) % 2 == 0 for w in widths]  # every other channel kept
     try:
-        small = count(compact(model, probe), input_shape)
-    except RuntimeError as e:
-        raise CRLError(f"a compacted {type(model).__name__} does not run ({first_line(e)}): a layer outside the "
-                       f"Units reads pruned channels; make it part of a Unit") from None
-    for (name, m), counted in zip(matrices.items(), small):
-        if evaluate(torch.stack([p.sum() for p in probe]), m).item() != counted:
-            raise CRLError(f"the {name} of a compacted {type(model).__name__} are not what its Units predict: a "
-                           f"layer outside the Units reads or writes pruned channels; make it part of a Unit")
+        counted = count(compact(model, probe), input_shape)
+    except RuntimeError:
+        counted = 'does not run'
+    if counted != tuple(evaluate(torch.stack([p.sum() for p in probe]), m).item() for m in matrices.values()):
+        raise CRLError(f"a compacted {type(model).__name__} {counted if isinstance(counted, str) else 'has other counts'}"
+                       f": a layer outside the Units reads pruned channels; make it part of a Unit")
 
     def fraction(name):
         m, total = matrices[name], evaluate(dense, matrices[name]).item()

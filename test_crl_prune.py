@@ -748,6 +748,8 @@ def test_latency_budget_end_to_end_reports_measured_latency(tmp_path, tiny):
         assert lat[k] > 0
     assert saved['fractions']['latency'] == pytest.approx(lat['pruned_measured_ms'] / lat['dense_measured_ms'])
     assert saved['budget_met'] == (saved['fractions']['latency'] <= 0.9) == r['budget_met']
+    assert lat['budget_used'] == pytest.approx(saved['fractions']['latency'] / 0.9) and lat['networks_timed'] >= 1
+    assert set(lat['fit']) >= {'a', 'b', 'r2', 'degenerate'} and lat['noisy'] == (lat['scatter'] > 0.25)
     assert (out / 'latency_table.pt').exists()
 
 
@@ -1453,3 +1455,70 @@ def test_the_resume_command_names_the_script_that_was_run(tmp_path, tiny, monkey
     with pytest.raises(SystemExit) as e:
         crl.main()
     assert str(e.value.code).endswith(shlex.join(['python', 'some/where/crl_prune.py', *argv, '--resume']))
+
+
+# --- latency: the final mask found by timing, the fit checked, scattered timings taken again ---------------------------
+
+class TimedByMACs:
+    """A latency cost whose 'measurement' is the MAC count of the network timed (deterministic) and whose prediction
+    is off by `error` (2: predicts twice the truth, so the predicted choice is too short)."""
+
+    def __init__(self, model, error):
+        self.macs, self.error, self.timed = crl.make_costs(model, ['macs'])['macs'], error, 0
+
+    def __call__(self, widths):
+        return self.macs(widths) * self.error
+
+    def measure_ms(self, *models, rounds=3):
+        self.timed += len(models)
+        return [crl.count(m)[1] / 1e6 for m in models], [0.0] * len(models)
+
+
+@pytest.mark.parametrize('error', [3.0, 0.4])
+def test_latency_mask_is_searched_by_timing_in_both_directions(error):
+    torch.manual_seed(10)
+    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.25), 10)
+    policy = crl.Policy(crl.group_widths(model), 0.5)
+    policy.theta.data.normal_(0, 2)
+    latency = TimedByMACs(model, error)
+    costs = {'params': crl.make_costs(model, ['params'])['params'], 'latency': latency}
+    budget = torch.tensor([0.6, 0.3], dtype=torch.float64)
+    predicted = crl.final_mask(policy, costs, budget)  # what the prediction alone would keep
+    mask, measured = crl.fit_latency(model, policy, costs, budget, 1)
+    ratio = measured['pruned_ms'] / measured['dense_ms']
+    assert ratio <= 0.3 and ratio == pytest.approx(crl.count(crl.compact(model, policy.split(mask)))[1] /
+                                                   crl.count(model)[1])
+    assert ratio >= 0.9 * 0.3  # the budget is used, whichever way the prediction erred
+    assert crl.within({'params': costs['params']}, budget[:1], policy.kept(mask[None]))
+    assert (mask.sum() > predicted.sum()) == (error > 1)  # grown when the prediction was pessimistic, else cut
+    assert latency.timed <= 2 * 40  # a search, not a sweep: pairs of networks timed
+
+
+def test_a_degenerate_latency_fit_is_reported_and_replaced(monkeypatch):
+    """Whole-network timings that fall as networks grow (a busy machine) give a negative slope: the table says so and
+    predicts with the units' sum alone, which still rises with every width."""
+    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 10)
+    monkeypatch.setattr(crl, 'time_in_turns', lambda nets, *a, **k: ([1e6 / crl.count(n)[0] for n in nets],
+                                                                      [0.0] * len(nets)))
+    table = crl.build_latency_table(model, crl.Numerics(torch.device('cpu')), 2, repeats=1)
+    fit = table['fit']
+    assert fit['degenerate'] and fit['a'] < 0 and 'degenerate' in fit['note']
+    assert (table['a'], table['b']) == (1.0, 0.0)
+    cost = crl.Latency(table)
+    small, dense = torch.tensor([[1] * 9]), torch.tensor([crl.group_widths(model)])
+    assert 0 < cost(small).item() < cost(dense).item() == pytest.approx(1.0)
+
+
+def test_scattered_timings_are_taken_again(monkeypatch):
+    calls = []
+
+    def fake(net, x, numerics, repeats=20, warmup=3):
+        calls.append(net)
+        return (1.0, 0.5) if len(calls) <= 4 else (0.9, 0.1)  # the first rounds scatter, the retaken ones do not
+    monkeypatch.setattr(crl, 'time_forward', fake)
+    ms, spread = crl.time_in_turns(['a', 'b'], None, crl.Numerics(torch.device('cpu')), rounds=2)
+    assert calls == ['a', 'b'] * 4 and ms == [900.0, 900.0] and spread == [0.1, 0.1]
+    calls.clear()
+    monkeypatch.setattr(crl, 'time_forward', lambda *a, **k: calls.append(1) or (1.0, 0.05))
+    assert crl.time_in_turns(['a'], None, crl.Numerics(torch.device('cpu')), rounds=3) == ([1000.0], [0.05])
+    assert len(calls) == 3  # steady timings: no second pass

@@ -15,8 +15,8 @@ Tables (--tables, default all):
   inference   dense against compact (crl_prune.inference_speed: the two timed in turns, median of 21 calls, the
               fastest of 3 rounds) in every mode that runs here (eager, BN folded, torch.compile, CUDA graphs on
               CUDA, ONNX Runtime on the CPU), at batch 1 and --batch, with the MAC ratio beside the speed-up
-  multiples   compact networks whose widths are rounded down to multiples of 1, 8, 16, 32 and 64 channels: their
-              MACs and inference throughput (folded, eager and compiled), to choose --channel-multiple
+  multiples   the compact network's widths rounded to the nearest multiple of 1, 8, 16, 32 and 64 channels: MACs,
+              inference throughput (folded and compiled) and throughput per MAC, to choose --channel-multiple
 The compact network keeps the widths that crl_prune.final_mask keeps at --budget from a random policy (seed 0), so
 the figures are the networks' own, not a trained run's. Training data are random uint8 images on the device.
 """
@@ -171,21 +171,26 @@ def main():
                       f"{r['images_per_s']:,.0f} |", flush=True)
 
     if 'multiples' in args.tables:
-        print(f'\ncompact networks at {args.budget} with widths rounded to multiples, batch {batch}\n')
-        print('| arch | multiple | MACs (M) | mode | ms | img/s | img/s per GMAC |')
-        print('|---|---|---|---|---|---|---|')
+        print(f'\ncompact widths at {args.budget} rounded to the nearest multiple (at least one multiple per group), '
+              f'batch {batch}: does alignment buy speed per MAC?\n')
+        print('| arch | multiple | MACs (M) | mode | ms | img/s | img/s per GMAC | relative to multiple 1 |')
+        print('|---|---|---|---|---|---|---|---|')
         for arch in args.archs:
             model = dense_model(arch, args, numerics).eval()
+            widths, dense = compact_widths(model, args.budget), crl.group_widths(model)
+            x = numerics.random_input(batch, (3, 32, 32))
+            first = {}
             for multiple in args.multiples:
-                small = crl.shrink(model, compact_widths(model, args.budget, multiple))
+                rounded = [min(d, max(multiple, round(w / multiple) * multiple)) for w, d in zip(widths, dense)]
+                small = crl.shrink(model, rounded)
                 macs = crl.count(small)[1]
-                x = numerics.random_input(batch, (3, 32, 32))
                 for mode in ('folded', 'compiled'):
                     net = crl.runner(small, mode, numerics, (3, 32, 32))
                     (ms,), _ = crl.time_in_turns([net], x, numerics)
+                    per_gmac = 1000 * batch / ms / (macs / 1e9)
+                    first.setdefault(mode, per_gmac)
                     print(f"| {arch} | {multiple} | {macs / 1e6:.1f} | {mode} | {ms:.3f} | {1000 * batch / ms:,.0f} | "
-                          f"{1000 * batch / ms / (macs / 1e9):,.0f} |", flush=True)
-
+                          f"{per_gmac:,.0f} | {per_gmac / first[mode]:.2f} |", flush=True)
 
 if __name__ == '__main__':
     main()
