@@ -71,22 +71,20 @@ def first_line(e):
 # BatchNorm takes its statistics over each slice separately, so a sub-network's outputs (and its reward) depend on its
 # own mask and images only, never on the other masks of the batch, and match what the compact network computes.
 
-def batch_norm_per_slice(bn, y, k):
+def batch_norm_per_slice(bn, y, k, update=True):
     """Train-mode BN of `y` = K slices of n samples, each slice normalised with its own mean and variance over its n
-    samples (and positions). The running statistics move towards the mean of the K slices' statistics."""
+    samples (and positions). The running statistics (if `update`) move towards the mean of the slices' statistics."""
     z = y.float().view(k, -1, *y.shape[1:])  # (K, n, C, ...): a view, whatever the memory format
     dims = [1, *range(3, z.dim())]
     var, mean = torch.var_mean(z, dims, correction=0, keepdim=True)
-    if bn.track_running_stats:
+    if update and bn.track_running_stats:
         with torch.no_grad():
             n = z.numel() // (k * z.shape[2])  # values behind each slice's statistics
             bn.running_mean.lerp_(mean.mean(0).flatten(), bn.momentum)
             bn.running_var.lerp_(var.mean(0).flatten() * n / max(n - 1, 1), bn.momentum)
             bn.num_batches_tracked += 1
-    shape = (1, 1, -1) + (1,) * (z.dim() - 3)
-    weight = bn.weight.view(shape) if bn.affine else 1
-    bias = bn.bias.view(shape) if bn.affine else 0
-    return ((z - mean) * torch.rsqrt(var + bn.eps) * weight + bias).flatten(0, 1)
+    shape, z = (1, 1, -1) + (1,) * (z.dim() - 3), (z - mean) * torch.rsqrt(var + bn.eps)
+    return (z * bn.weight.view(shape) + bn.bias.view(shape) if bn.affine else z).flatten(0, 1)
 
 
 class Unit(nn.Module):
@@ -97,10 +95,10 @@ class Unit(nn.Module):
     def __init__(self, layer, bn, inp, out):
         super().__init__()
         self.layer, self.bn, self.inp, self.out = layer, bn, inp, out
-        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            raise CRLError(f"a Unit's layer must be a convolution or nn.Linear, not {type(layer).__name__}")
-        if not isinstance(bn, (nn.modules.batchnorm._BatchNorm, nn.Identity)):
-            raise CRLError(f"a Unit's bn must be a BatchNorm or nn.Identity, not {type(bn).__name__}")
+        if not (isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and
+                isinstance(bn, (nn.modules.batchnorm._BatchNorm, nn.Identity))):
+            raise CRLError(f"a Unit is a convolution or nn.Linear, then a BatchNorm or nn.Identity; not "
+                           f"{type(layer).__name__}, {type(bn).__name__}")
         g = getattr(layer, 'groups', 1)
         self.depthwise = g > 1 and g == layer.in_channels == layer.out_channels
         if g > 1 and not self.depthwise:
@@ -299,8 +297,9 @@ def make_costs(model, names=COSTS, input_shape=(3, 32, 32)):
     except RuntimeError:
         counted = 'does not run'
     if counted != tuple(evaluate(torch.stack([p.sum() for p in probe]), m).item() for m in matrices.values()):
-        raise CRLError(f"a compacted {type(model).__name__} {counted if isinstance(counted, str) else 'has other counts'}"
-                       f": a layer outside the Units reads pruned channels; make it part of a Unit")
+        what = counted if isinstance(counted, str) else 'has other counts'
+        raise CRLError(f"a compacted {type(model).__name__} {what}: a layer outside the Units reads pruned channels; "
+                       f"make it part of a Unit")
 
     def fraction(name):
         m, total = matrices[name], evaluate(dense, matrices[name]).item()
@@ -310,7 +309,7 @@ def make_costs(model, names=COSTS, input_shape=(3, 32, 32)):
     return {name: fraction(name) for name in names}
 
 
-# --- 4. The policy: pi_theta(m) = prod_c Bernoulli(m_c; p_c),  p = sigmoid(theta), one entry per channel ---------------
+# --- 4. The policy: pi_theta(m) = prod_c Bernoulli(m_c; p_c),  p = sigmoid(theta), one entry per channel -------------
 
 class Policy(nn.Module):
     def __init__(self, widths, init_keep=0.9):
@@ -551,6 +550,21 @@ def compact(model, masks):
 
 # --- 10. prune_network: the library call -----------------------------------------------------------------------------
 
+def checked_budget(budget, costs, widths, multiple=1):
+    """The costs `budget` ({name: fraction}) names, in its order, and its fractions as a tensor. A name without a
+    cost, a fraction outside (0, 1] or a budget that even the smallest network breaks is a CRLError."""
+    names = list(budget)
+    unknown = [n for n in names if n not in costs]
+    if unknown or not names:
+        raise CRLError(f"budget {budget}: no cost named {unknown or 'at all'}; give params, macs or one of `costs`")
+    if not all(0 < budget[n] <= 1 for n in names):
+        raise CRLError(f"budget {budget}: every value is a fraction of the dense network, in (0, 1]")
+    costs, fractions = {n: costs[n] for n in names}, torch.tensor([budget[n] for n in names], dtype=torch.float64)
+    if not within(costs, fractions, rounded(widths, [1] * len(widths), multiple)):
+        raise CRLError(f"budget {budget}: infeasible, even {multiple} channel(s) per group cost more")
+    return costs, fractions
+
+
 def prune_network(model, batches, budget, *, costs=None, input_shape=None, prune_epochs=10, prune_lr=0.02,
                   finetune_epochs=10, lr=0.1, finetune_batches=None, multiple=1, bf16=False, callback=None,
                   **options):
@@ -562,18 +576,9 @@ def prune_network(model, batches, budget, *, costs=None, input_shape=None, prune
     (section 3); 'params' and 'macs' are built in, counted at `input_shape` (default: the batches' image shape).
     options: the other keywords of `prune` (samples, policy_lr, dual_lr, damping, init_keep, weight_decay, ...).
     Bad input raises CRLError before any training."""
-    names = list(budget)
     input_shape = tuple(input_shape or next(iter(batches))[0].shape[1:])
-    costs = {**make_costs(model, [n for n in names if n in COSTS], input_shape), **(costs or {})}
-    unknown = [n for n in names if n not in costs]
-    if unknown or not names:
-        raise CRLError(f"budget {budget}: no cost named {unknown or 'at all'}; give params, macs or one of `costs`")
-    if not all(0 < budget[n] <= 1 for n in names):
-        raise CRLError(f"budget {budget}: every value is a fraction of the dense network, in (0, 1]")
-    costs, fractions = {n: costs[n] for n in names}, torch.tensor([budget[n] for n in names], dtype=torch.float64)
-    widths = group_widths(model)
-    if not within(costs, fractions, rounded(widths, [1] * len(widths), multiple)):
-        raise CRLError(f"budget {budget}: infeasible, even {multiple} channel(s) per group cost more")
+    costs = {**make_costs(model, [n for n in budget if n in COSTS], input_shape), **(costs or {})}
+    costs, fractions = checked_budget(budget, costs, group_widths(model), multiple)
     policy, _ = prune(model, costs, fractions, batches, prune_epochs, lr=prune_lr, bf16=bf16, callback=callback,
                       **options)
     small = compact(model, policy.split(final_mask(policy, costs, fractions, multiple)))
@@ -834,10 +839,9 @@ def latency_device_name(numerics):
     return torch.cuda.get_device_name(d) if d.type == 'cuda' else f"cpu ({torch.get_num_threads()} threads)"
 
 
-def latency_meta(model, numerics, batch, input_shape):
-    """What a latency table depends on: a table is reused only where all of it matches."""
-    return {'arch': getattr(model, 'arch', type(model).__name__), 'widths': group_widths(model),
-            'num_classes': getattr(model, 'num_classes', None), 'input_shape': list(input_shape),
+def latency_meta(net, numerics, batch):
+    """What the latency model of `net` (a `Network`) depends on: a table is reused only where all of it matches."""
+    return {'arch': net.arch, 'widths': net.widths, 'num_classes': net.classes, 'input_shape': list(net.input_shape),
             'device': latency_device_name(numerics), 'batch': batch, 'bf16': numerics.bf16,
             'channels_last': numerics.channels_last, 'torch': torch.__version__.split('+')[0]}
 
@@ -849,7 +853,8 @@ def build_latency_table(model, numerics, batch, input_shape=(3, 32, 32), repeats
     shape is timed once (VGG's repeated layers share their timings)."""
     model = numerics.place(copy.deepcopy(model).eval())
     shapes = {}  # unit -> its input's shape without the batch dim
-    hooks = [u.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, tuple(i[0].shape[1:]))) for u in units(model)]
+    hooks = [u.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, tuple(i[0].shape[1:])))
+             for u in units(model)]
     model(torch.zeros(1, *input_shape, device=numerics.device))
     for h in hooks:
         h.remove()
@@ -874,7 +879,7 @@ def build_latency_table(model, numerics, batch, input_shape=(3, 32, 32), repeats
         if u.depthwise:  # only the diagonal is ever used: copy it across
             ms = torch.diag(ms).expand(len(gin), -1).clone()
         tables.append({'inp': u.inp, 'out': u.out, 'grid_in': gin, 'grid_out': gout, 'ms': ms})
-    table = {'meta': latency_meta(model, numerics, batch, input_shape), 'units': tables, 'a': 1.0, 'b': 0.0}
+    table = {'meta': {'widths': widths}, 'units': tables, 'a': 1.0, 'b': 0.0}  # `latency_cost` adds the rest
     # Calibration: whole networks at a few widths (uniformly thinned, and random), timed, fit to
     # a * (sum of the units' table values) + b by least squares: b holds pools, additions and per-call overheads.
     dense = torch.tensor(widths)
@@ -945,12 +950,13 @@ class Latency:
         return time_in_turns(nets, x, self.numerics, rounds)
 
 
-def fit_latency(model, policy, costs, budget, multiple):
+def fit_latency(model, policy, costs, budget, multiple, compact_of=None):
     """The final mask under a latency budget, found by timing: the longest prefix of the ranking (as `final_mask`
     ranks) whose compact network's *measured* latency, timed in turns with the dense network, meets the budget,
     within every other budget. A bisection over the prefixes starts at the one the prediction chose and moves either
     way: longer while the measured latency is under the budget, shorter while over; the last one is timed again at
-    more rounds before it is kept. Returns the mask and what was measured."""
+    more rounds before it is kept. `compact_of(masks)` makes the compact network (default: `compact` of `model`).
+    Returns the mask and what was measured."""
     latency, j = costs['latency'], list(costs).index('latency')
     target, counts = budget[j].item(), prefixes(policy, multiple)
     others = torch.stack([c(counts) <= b for i, (c, b) in enumerate(zip(costs.values(), budget.tolist()))
@@ -962,7 +968,8 @@ def fit_latency(model, policy, costs, budget, multiple):
     timings = {}
 
     def measure(i, rounds=3):
-        small = compact(model, policy.split(keep_top(policy, counts[candidates[i]].tolist())))
+        mask = keep_top(policy, counts[candidates[i]].tolist())
+        small = (compact_of or functools.partial(compact, model))(policy.split(mask))
         (small_ms, dense_ms), spread = latency.measure_ms(small, model, rounds=rounds)
         timings[i] = {'pruned_ms': small_ms, 'dense_ms': dense_ms, 'scatter': max(spread)}
         return small_ms / dense_ms <= target
@@ -981,9 +988,9 @@ def fit_latency(model, policy, costs, budget, multiple):
     return keep_top(policy, counts[candidates[chosen]].tolist()), {**timings[chosen], 'timings': len(timings)}
 
 
-def latency_cost(model, args, input_shape):
-    """The latency cost of `model` on --latency-device: the table from --latency-table, checked against this run,
-    or built now and saved in --out."""
+def latency_cost(net, args):
+    """The latency cost of `net` (a `Network`) on --latency-device: the table from --latency-table, checked against
+    this run, or built now and saved in --out."""
     numerics = Numerics(args.latency_device_t, args.bf16, args.channels_last)
     if args.latency_table:
         try:
@@ -991,7 +998,7 @@ def latency_cost(model, args, input_shape):
             meta = table['meta']
         except Exception as e:
             fail(f"--latency-table {args.latency_table}: not a latency table ({type(e).__name__})")
-        want = latency_meta(model, numerics, args.latency_batch, input_shape)
+        want = latency_meta(net, numerics, args.latency_batch)
         wrong = [k for k in want if meta.get(k) != want[k]]
         if wrong:
             fail(f"--latency-table {args.latency_table}: made for another " + ', '.join(
@@ -999,14 +1006,15 @@ def latency_cost(model, args, input_shape):
         build_s = 0.0
     else:
         t0 = time.time()
-        table = build_latency_table(model, numerics, args.latency_batch, input_shape)
+        meta = latency_meta(net, numerics, args.latency_batch)
+        table = {**net.latency_table(numerics, args.latency_batch), 'meta': meta}
         build_s = time.time() - t0
         os.makedirs(args.out, exist_ok=True)
         save_atomic(table, os.path.join(args.out, 'latency_table.pt'))
-        print(f"latency table: {len(table['units'])} units timed on {table['meta']['device']} at batch "
-              f"{args.latency_batch} in {build_s:.1f} s; dense network {table['dense_ms']:.3f} ms; fit R^2 "
-              f"{table['fit']['r2']:.2f}" + (f"; note: {table['fit']['note']}" if table['fit'].get('note') else ''))
-    cost = Latency(table, numerics)
+        print(f"latency model: timed on {table['meta']['device']} at batch {args.latency_batch} in {build_s:.1f} s; "
+              f"dense network {table['dense_ms']:.3f} ms; fit R^2 {table['fit']['r2']:.2f}"
+              + (f"; note: {table['fit']['note']}" if table['fit'].get('note') else ''))
+    cost = net.latency(table, numerics)
     cost.build_s = build_s
     return cost
 
@@ -1018,7 +1026,7 @@ def latency_cost(model, args, input_shape):
 # with all K candidates (and by the final mask with every prefix of the ranking), never differentiated; budgets are
 # fractions of its value at the dense widths (or absolute values in its unit).
 
-def user_cost(spec, model):
+def user_cost(spec, widths, names):
     """NAME=path.py:function -> (NAME, C(widths) -> fraction of the dense value); a bad file is a one-line error."""
     name, _, target = spec.partition('=')
     path, _, fn_name = target.rpartition(':')
@@ -1038,7 +1046,6 @@ def user_cost(spec, model):
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         fail(f"{where}: {path} has no function {fn_name!r}")
-    names = group_names(model)
 
     def evaluate_fn(widths):
         try:
@@ -1051,8 +1058,7 @@ def user_cost(spec, model):
             fail(f"{where}: returned a non-finite value ({v.tolist()[:4]})")
         return v.to(widths.device)
 
-    widths = group_widths(model)
-    dense = evaluate_fn(torch.tensor([widths, [1] * len(widths)]))[0].item()  # shape and finiteness checked too
+    dense = evaluate_fn(torch.tensor([list(widths), [1] * len(widths)]))[0].item()  # shape and finiteness checked too
     if not dense > 0:
         fail(f"{where}: the dense network's cost is {dense}; it must be positive to take fractions of it")
     fraction = lambda widths: evaluate_fn(widths) / dense  # noqa: E731
@@ -1297,12 +1303,15 @@ def save_atomic(obj, path):
     os.replace(path + '.tmp', path)
 
 
-def save_pruned(model, path, mean=None, std=None, classes=None, input_shape=(3, 32, 32), width=None):
+def save_pruned(model, path, mean=None, std=None, classes=None, input_shape=(3, 32, 32), **info):
     """A plain dict that torch.load(..., weights_only=True) opens: the weights, the widths of every group, and what
-    a deployer needs (input normalisation, class names, input shape). `load_pruned` rebuilds the network from it."""
-    save_atomic({'arch': getattr(model, 'arch', None), 'num_classes': getattr(model, 'num_classes', None),
-                 'width': width, 'widths': group_widths(model), 'group_names': group_names(model),
-                 'state_dict': model.state_dict(), 'input_shape': list(input_shape),
+    a deployer needs (input normalisation, class names, input shape). `load_pruned` rebuilds the network from it.
+    info: more entries (the width multiplier; for a network not built of Units: arch, num_classes, widths,
+    group_names)."""
+    known = {'arch': getattr(model, 'arch', None), 'num_classes': getattr(model, 'num_classes', None), 'width': None}
+    if units(model):
+        known.update(widths=group_widths(model), group_names=group_names(model))
+    save_atomic({**known, **info, 'state_dict': model.state_dict(), 'input_shape': list(input_shape),
                  'mean': None if mean is None else torch.as_tensor(mean).tolist(),
                  'std': None if std is None else torch.as_tensor(std).tolist(),
                  'classes': None if classes is None else list(classes)}, path)
@@ -1314,10 +1323,13 @@ def load_pruned(path, model=None, device='cpu'):
     A built-in architecture is rebuilt by name; for your own network pass `model`, an instance of its dense form
     (any weights): it is cut to the saved widths, then the saved weights are loaded into it."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    if model is None and ckpt.get('arch') not in ARCHS:
+    if model is None and not is_known(ckpt.get('arch')):
         fail(f"{path} holds a {ckpt.get('arch')}, not a built-in network: pass model=, an instance of its dense form")
-    net = shrink(model, ckpt['widths']) if model is not None else build(ckpt['arch'], ckpt['widths'],
-                                                                         ckpt['num_classes'])
+    if model is None:
+        net = network(ckpt['arch'], ckpt.get('width') or 1.0, ckpt['num_classes'], ckpt['input_shape'])
+        net = net.shrink(ckpt['widths'])
+    else:
+        net = shrink(model, ckpt['widths'])
     net.to(device).load_state_dict(ckpt['state_dict'])
     return net.eval(), {k: v for k, v in ckpt.items() if k != 'state_dict'}
 
@@ -1501,8 +1513,7 @@ def parse_args(argv):
                    help='least time between two checkpoints (one is always written at the end of each phase)')
     args = p.parse_args(argv)
     take_pretrained_shape(args)
-    if args.arch not in ARCHS:
-        fail(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
+    check_arch(args)
     names = [spec.partition('=')[0] for spec in args.cost]
     args.budget_parsed = parse_budget(args.budget, BUILT_IN + names)
     for name in ('latency_batch', 'speed_batch'):
@@ -1541,6 +1552,21 @@ def parse_args(argv):
     return args
 
 
+def check_arch(args):
+    """A built-in architecture, or torchvision:NAME of a torchvision classification model (needs torch-pruning)."""
+    if not is_known(args.arch):
+        fail(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}, or torchvision:NAME")
+    if args.arch.startswith('torchvision:'):
+        import torchvision
+        name = args.arch.partition(':')[2]
+        if name not in torchvision.models.list_models(torchvision.models):
+            fail(f"--arch {args.arch}: torchvision has no classification model {name!r}")
+        if importlib.util.find_spec('torch_pruning') is None:
+            fail(f"--arch {args.arch} needs the torch-pruning package (pip install -r requirements-extras.txt)")
+        if args.width != 1:
+            fail(f"--width {args.width:g}: the width multiplier is for the built-in architectures")
+
+
 def take_pretrained_shape(args):
     """--arch and --width from the --pretrained checkpoint where it records them; given ones must agree with it."""
     saved = {}
@@ -1551,14 +1577,16 @@ def take_pretrained_shape(args):
             ckpt = torch.load(args.pretrained, map_location='cpu', weights_only=True, mmap=True)
         except Exception as e:
             fail(f"--pretrained {args.pretrained}: cannot load it ({type(e).__name__}: {first_line(e)})")
-        if isinstance(ckpt, dict) and ckpt.get('arch') in ARCHS and 'widths' in ckpt:
+        if isinstance(ckpt, dict) and is_known(ckpt.get('arch')) and 'widths' in ckpt:
             arch, widths = ckpt['arch'], ckpt['widths']
-            width = ckpt.get('width') or next((w for w in (c / b for c, b in zip(widths, dense_widths(arch)))
-                                               if dense_widths(arch, w) == widths), widths[0] / 64)
+            width = 1.0 if arch not in ARCHS else ckpt.get('width') or next(
+                (w for w in (c / b for c, b in zip(widths, dense_widths(arch))) if dense_widths(arch, w) == widths),
+                widths[0] / 64)  # a checkpoint that does not record its width multiplier
             saved = {'arch': arch, 'width': width, 'widths': widths}
     args.arch = args.arch or saved.get('arch', 'vgg16')
     args.width = saved.get('width', 1.0) if args.width is None else args.width
-    if saved and (args.arch != saved['arch'] or dense_widths(args.arch, args.width) != saved['widths']):
+    if saved and (args.arch != saved['arch'] or args.arch in ARCHS and dense_widths(args.arch, args.width) !=
+                  saved['widths']):
         fail(f"--pretrained {args.pretrained} holds a {saved['arch']} of width {saved['width']:g}, not a "
              f"{args.arch} of width {args.width:g}; drop --arch and --width to take the checkpoint's")
 
@@ -1611,17 +1639,17 @@ def get_device(name, flag):
     return device
 
 
-def build_costs(model, args, input_shape=(3, 32, 32)):
-    """Every budgeted cost as a black box C(widths) -> fraction of the dense network, in the budget's order, with
-    the dense network's own value of each (for absolute budgets and the report)."""
+def build_costs(net, args):
+    """Every budgeted cost of `net` (a `Network`) as a black box C(widths) -> fraction of the dense network, in the
+    budget's order, with the dense network's own value of each (for absolute budgets and the report)."""
     names = list(args.budget_parsed)
-    costs = make_costs(model, [n for n in names if n in COSTS], input_shape)
-    dense = dict(zip(COSTS, count(model, input_shape)))
+    costs = net.costs([n for n in names if n in COSTS])
+    dense = dict(zip(COSTS, count(net.plain, net.input_shape)))
     for spec in args.cost:
-        name, cost = user_cost(spec, model)
+        name, cost = user_cost(spec, net.widths, net.names)
         costs[name], dense[name] = cost, cost.dense
     if 'latency' in names:
-        costs['latency'] = latency_cost(model, args, input_shape)
+        costs['latency'] = latency_cost(net, args)
         dense['latency'] = costs['latency'].dense_ms
     return {n: costs[n] for n in names}, dense
 
@@ -1632,9 +1660,50 @@ def load_dense(path, model):
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
         model.load_state_dict(ckpt['state_dict'] if isinstance(ckpt, dict) and 'state_dict' in ckpt else ckpt)
     except Exception as e:
-        fail(f"--pretrained {path}: cannot load it into a dense {model.arch} of widths {group_widths(model)} "
-             f"({type(e).__name__}: {first_line(e)})")
+        fail(f"--pretrained {path}: cannot load it into the dense network ({type(e).__name__}: {first_line(e)})")
     return {k: torch.tensor(ckpt[k]) for k in ('mean', 'std') if ckpt.get(k) is not None}
+
+
+class Network:
+    """The network the command line prunes, and what the pipeline asks of it, for the built-in networks of Units;
+    crl_tp.TracedNetwork answers the same for a torchvision model (--arch torchvision:NAME)."""
+
+    def __init__(self, arch, width, classes, input_shape=(3, 32, 32)):
+        self.arch, self.classes, self.input_shape = arch, classes, tuple(input_shape)
+        self.model = build(arch, dense_widths(arch, width), classes)  # what the loops train: forward(x, masks)
+        self.plain = self.model  # the dense network as a plain module: saved, counted, timed
+        self.widths, self.names = group_widths(self.model), group_names(self.model)
+
+    def costs(self, names):
+        return make_costs(self.model, names, self.input_shape)
+
+    def compact(self, masks):
+        return compact(self.model, masks)
+
+    def shrink(self, widths):
+        return shrink(self.model, widths)
+
+    def fresh(self, widths):
+        """A randomly initialised network of these widths (--reinit)."""
+        return build(self.arch, widths, self.classes)
+
+    def latency_table(self, numerics, batch):
+        return build_latency_table(self.model, numerics, batch, self.input_shape)
+
+    def latency(self, table, numerics):
+        return Latency(table, numerics)
+
+
+def is_known(arch):
+    return arch in ARCHS or str(arch).startswith('torchvision:')
+
+
+def network(arch, width, classes, input_shape=(3, 32, 32)):
+    """A `Network`; for --arch torchvision:NAME, crl_tp's (which needs torch-pruning)."""
+    if str(arch).startswith('torchvision:'):
+        import crl_tp
+        return crl_tp.TracedNetwork(arch, classes, input_shape)
+    return Network(arch, width, classes, input_shape)
 
 
 RUN_FILES = ('results.json', 'dense.pt', 'pruned.pt', 'checkpoint.pt', 'metrics.csv', 'policy.pt', 'tensorboard')
@@ -1669,17 +1738,18 @@ class Pipeline:
         if args.compile:  # each run compiles its own networks: without this a process that calls main() many times
             torch._dynamo.reset()  # (bench/compare.py) reaches Dynamo's recompile limit and silently runs eagerly
         self.input_shape = (3, 32, 32)  # the loader resizes every image to 32x32
-        self.model = build(args.arch, dense_widths(args.arch, args.width), classes)
-        self.stats = load_dense(args.pretrained, self.model) if args.pretrained else {}
-        self.costs, self.dense_cost = build_costs(self.model, args, self.input_shape)
+        self.net = network(args.arch, args.width, classes, self.input_shape)
+        self.model = self.net.model
+        self.stats = load_dense(args.pretrained, self.net.plain) if args.pretrained else {}
+        self.costs, self.dense_cost = build_costs(self.net, args)
         self.fractions = resolve_budget(args.budget_parsed, self.dense_cost)
         self.budget = torch.tensor(list(self.fractions.values()), dtype=torch.float64)
         self.multiple = args.channel_multiple or (8 if self.device.type == 'cuda' else 1)
-        widths = group_widths(self.model)
+        widths = self.net.widths
         smallest = rounded(widths, [1] * len(widths), self.multiple)
         if 'latency' in self.costs:  # timed, not predicted: a poor prediction must not call a budget infeasible
             latency = self.costs['latency']
-            (small_ms, dense_ms), _ = latency.measure_ms(shrink(self.model, smallest.tolist()), self.model)
+            (small_ms, dense_ms), _ = latency.measure_ms(self.net.shrink(smallest.tolist()), self.net.plain)
             feasible = small_ms / dense_ms <= self.fractions['latency'] and within(
                 {n: c for n, c in self.costs.items() if n != 'latency'},
                 torch.tensor([b for n, b in self.fractions.items() if n != 'latency']), smallest)
@@ -1722,9 +1792,11 @@ class Pipeline:
               + (f"; resuming after {self.checkpoint.saved[0]} epoch {self.checkpoint.saved[1]}"
                  if self.checkpoint.saved else ''))
 
-    def save(self, model, name):
+    def save(self, model, name, widths):
+        net = self.net
         save_pruned(model, self.path(name), self.data['mean'], self.data['std'], self.data['classes'],
-                    self.input_shape, self.args.width if name == 'dense.pt' else None)
+                    self.input_shape, width=self.args.width if name == 'dense.pt' else None, arch=net.arch,
+                    num_classes=net.classes, widths=list(widths), group_names=net.names)
 
     def dense(self):
         """Phase 1: the dense network (none to train with --pretrained)."""
@@ -1734,7 +1806,7 @@ class Pipeline:
             self.report['speed']['dense'] = self.train(self.model, epochs, 'dense')
             self.report['time_s']['dense'] = time.time() - t0
             refuse_diverged(self.model, 'dense training')
-            self.save(self.model, 'dense.pt')
+            self.save(self.net.plain, 'dense.pt', self.net.widths)
             self.report['dense_accuracy'] = evaluate(self.model, self.data)
             self.metrics.test_accuracy('dense', self.report['dense_accuracy'])
         print(f"dense accuracy {self.report['dense_accuracy']:.4f}")
@@ -1744,7 +1816,7 @@ class Pipeline:
         (under a latency budget: found by timing the compact networks), compaction and BN recalibration."""
         a, report, numerics = self.args, self.report, self.numerics
         if self.checkpoint.reached('finetune'):  # resumed while fine-tuning: `train` restores the weights
-            self.small = numerics.place(build(a.arch, report['widths'], len(self.data['classes'])))
+            self.small = numerics.place(self.net.shrink(report['widths']))
             print(f"compact network kept {report['widths']}")
             return
         t0, k = time.time(), a.samples
@@ -1753,35 +1825,36 @@ class Pipeline:
         budget = self.budget.to(self.device)
         policy, lam = prune(self.model, self.costs, budget, batches, a.prune_epochs, samples=k, lr=a.prune_lr,
                             weight_decay=a.wd, policy_lr=a.policy_lr, dual_lr=a.dual_lr, damping=a.damping,
-                            init_keep=a.init_keep, bf16=numerics.bf16, compile=a.compile,
+                            policy=Policy(self.net.widths, a.init_keep), bf16=numerics.bf16, compile=a.compile,
                             callback=self.callbacks('prune', a.prune_epochs * len(batches)),
                             resume=self.checkpoint.resume)
         report['speed']['prune'], report['time_s']['prune'] = self.progress.speed(), time.time() - t0
-        names = group_names(self.model)
-        save_atomic({'theta': dict(zip(names, policy.split(policy.theta.detach().cpu())))}, self.path('policy.pt'))
+        save_atomic({'theta': dict(zip(self.net.names, policy.split(policy.theta.detach().cpu())))},
+                    self.path('policy.pt'))
         report['multipliers'] = dict(zip(self.costs, lam.tolist()))
         report['keep_probability_mean'] = torch.sigmoid(policy.theta).mean().item()
         expected = policy.kept(torch.sigmoid(policy.theta.detach())[None])  # the policy's mean widths
         report['expected_cost'] = {n: c(expected).item() for n, c in self.costs.items()}
         if 'latency' in self.costs:
-            mask, report['latency_measured'] = fit_latency(self.model, policy, self.costs, budget, self.multiple)
+            mask, report['latency_measured'] = fit_latency(self.net.plain, policy, self.costs, budget,
+                                                           self.multiple, self.net.compact)
         else:
             mask = final_mask(policy, self.costs, budget, self.multiple)
-        small = compact(self.model, policy.split(mask))
+        report['widths'] = policy.kept(mask[None])[0].tolist()
+        small = self.net.compact(policy.split(mask))
         if a.reinit:  # keep the widths CRL found, train them from random initialisation (Liu et al., ICLR 2019)
-            small = build(a.arch, group_widths(small), len(self.data['classes']))
+            small = self.net.fresh(report['widths'])
         self.small = numerics.place(small)
         recalibrate_bn(self.small, Batches(self.data, 'train', a.batch_size, train=True), bf16=numerics.bf16)
-        report['accuracy_before_finetune'], report['widths'] = evaluate(self.small, self.data), group_widths(small)
+        report['accuracy_before_finetune'] = evaluate(self.small, self.data)
         self.metrics.test_accuracy('prune', report['accuracy_before_finetune'])
         print(f"compact network kept {report['widths']}; accuracy before fine-tuning "
               f"{report['accuracy_before_finetune']:.4f}")
         for name, cost in report['expected_cost'].items():
-            budget_j = self.fractions[name]
-            if abs(cost - budget_j) > 0.25 * budget_j:
+            if cost > 1.25 * self.fractions[name]:
                 print(f"note: pruning ended with the policy's expected {name} at {cost:.3f} against a budget of "
-                      f"{budget_j:.3f}; the final mask {'cut' if cost > budget_j else 'filled'} the difference by "
-                      f"ranking alone. More --prune-epochs (or a larger --dual-lr) bring the policy to the budget.")
+                      f"{self.fractions[name]:.3f}; the final mask cut the difference by ranking alone. More "
+                      f"--prune-epochs (or a larger --dual-lr) bring the policy to the budget.")
 
     def finetune(self):
         """Phase 3: fine-tuning of the compact network (--reinit: its training from scratch)."""
@@ -1791,18 +1864,17 @@ class Pipeline:
         self.accuracy = evaluate(self.small, self.data)
         self.metrics.test_accuracy('finetune', self.accuracy)
         self.metrics.close()
-        self.save(self.small, 'pruned.pt')
+        self.save(self.small, 'pruned.pt', self.report['widths'])
 
     def report_results(self):
         """results.json (written atomically, replacing the checkpoint) and the summary lines."""
-        a, report, model, small = self.args, self.report, self.model, self.small
-        (dp, dm), (pp, pm) = count(model, self.input_shape), count(small, self.input_shape)
+        a, report, net, small = self.args, self.report, self.net, self.small
+        (dp, dm), (pp, pm) = count(net.plain, self.input_shape), count(small, self.input_shape)
         fractions = {'params': pp / dp, 'macs': pm / dm}  # counted on the compact network itself
-        kept = torch.tensor([group_widths(small)])
+        kept = torch.tensor([report['widths']])
         fractions.update({n: c(kept).item() for n, c in self.costs.items() if n not in BUILT_IN})  # user costs
         if 'latency' in self.costs:
             fractions['latency'] = report['latency_measured']['pruned_ms'] / report['latency_measured']['dense_ms']
-        names = group_names(model)
         results = {
             'arch': a.arch, 'width': a.width, 'data': a.data or a.dataset, 'device': str(self.device),
             'budget': self.fractions,
@@ -1814,7 +1886,7 @@ class Pipeline:
             'pruned': {'params': pp, 'macs': pm, 'accuracy': self.accuracy,
                        'accuracy_before_finetune': report['accuracy_before_finetune'],
                        'params_fraction': fractions['params'], 'macs_fraction': fractions['macs']},
-            'channels': dict(zip(names, group_widths(small))), 'dense_channels': dict(zip(names, group_widths(model))),
+            'channels': dict(zip(net.names, report['widths'])), 'dense_channels': dict(zip(net.names, net.widths)),
             'keep_probability_mean': report['keep_probability_mean'], 'channel_multiple': self.multiple,
             'multipliers': report['multipliers'], 'time_s': report['time_s'],
             'images_per_s': {phase: s['images_per_s'] for phase, s in report['speed'].items()},
@@ -1838,7 +1910,7 @@ class Pipeline:
                   + ('; the timings scattered widely (busy machine?)' if r['noisy'] else ''))
         if a.speed:
             batch = a.speed_batch or (512 if self.device.type == 'cuda' else 64)
-            results['speed'] = inference_speed(model, small, self.numerics, self.input_shape, (1, batch),
+            results['speed'] = inference_speed(net.plain, small, self.numerics, self.input_shape, (1, batch),
                                                a.speed.split(','))
             print(speed_table(results['speed']))
         save_atomic(results, self.path('results.json'))
@@ -1880,8 +1952,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         if pipeline is None:
             raise
-        words = [sys.argv[0] if argv is None else os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else
-                                                                               list(argv))
+        words = [sys.argv[0], *sys.argv[1:]] if argv is None else [os.path.relpath(__file__), *argv]
         if pipeline.checkpoint.saved is None:  # nothing to continue from: the same command starts over
             command = shlex.join(['python', *words, *([] if args.overwrite else ['--overwrite'])])
             raise SystemExit(f"crl_prune: interrupted before the first checkpoint; start again with: {command}")

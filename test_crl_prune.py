@@ -716,11 +716,12 @@ def test_absolute_and_fractional_budgets_agree():
 
 
 def test_latency_table_structure_reuse_and_refusal(tmp_path):
-    model = crl.build('resnet18', crl.dense_widths('resnet18', 0.0625), 10)
+    net = crl.Network('resnet18', 0.0625, 10)
+    model = net.model
     args = crl.parse_args(['--arch', 'resnet18', '--width', '0.0625', '--budget', 'latency=0.9',
                            '--out', str(tmp_path / 'a')])
     args.latency_device_t = torch.device('cpu')
-    cost = crl.latency_cost(model, args, (3, 32, 32))
+    cost = crl.latency_cost(net, args)
     table = torch.load(tmp_path / 'a' / 'latency_table.pt', weights_only=True)
     assert len(table['units']) == len(crl.units(model))  # one entry per unit, in order, with its groups
     assert [(t['inp'], t['out']) for t in table['units']] == [(u.inp, u.out) for u in crl.units(model)]
@@ -730,11 +731,11 @@ def test_latency_table_structure_reuse_and_refusal(tmp_path):
     widths = torch.tensor([crl.group_widths(model), [1] * 12, [3] * 12])
     assert (cost.predict_ms(widths) > 0).all() and cost(widths).shape == (3,)
     args.latency_table = str(tmp_path / 'a' / 'latency_table.pt')  # reused as it is, nothing timed again
-    again = crl.latency_cost(model, args, (3, 32, 32))
+    again = crl.latency_cost(net, args)
     assert torch.equal(again.predict_ms(widths), cost.predict_ms(widths)) and again.build_s == 0
     args.latency_batch = 4
     with pytest.raises(crl.CRLError, match='made for another batch'):
-        crl.latency_cost(model, args, (3, 32, 32))
+        crl.latency_cost(net, args)
 
 
 def test_latency_budget_end_to_end_reports_measured_latency(tmp_path, tiny):
@@ -1522,3 +1523,95 @@ def test_scattered_timings_are_taken_again(monkeypatch):
     monkeypatch.setattr(crl, 'time_forward', lambda *a, **k: calls.append(1) or (1.0, 0.05))
     assert crl.time_in_turns(['a'], None, crl.Numerics(torch.device('cpu')), rounds=3) == ([1000.0], [0.05])
     assert len(calls) == 3  # steady timings: no second pass
+
+
+# --- crl_tp.py: CRL on unmodified torchvision models, through Torch-Pruning's dependency groups -----------------------
+
+@pytest.fixture(scope='module')
+def crl_tp():
+    pytest.importorskip('torch_pruning', reason='torch-pruning is not installed (pip install -r requirements-extras.txt)')
+    import crl_tp
+    return crl_tp
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'mobilenet_v2', 'efficientnet_b0'])
+def test_traced_torchvision_costs_compaction_and_masks_are_exact(crl_tp, name):
+    """Residual additions (resnet18), depthwise convolutions (mobilenet_v2, efficientnet_b0), squeeze-excitation
+    (efficientnet_b0): the costs equal the counts of the compacted network, the compacted network computes what the
+    masked one does, a masked channel is exactly zero, and the classifier keeps its outputs."""
+    torch.manual_seed(11)
+    net = crl_tp.TracedNetwork(f'torchvision:{name}', 10, (3, 32, 32))
+    randomise_bn(net.plain)
+    costs = net.costs(['params', 'macs'])
+    dense = crl.count(net.plain)
+    policy = crl.Policy(net.widths, 0.5)
+    x = torch.randn(2, 3, 32, 32)
+    for keep in (0.3, 0.8):
+        mask = random_mask(policy, keep)
+        small = net.compact(policy.split(mask)).eval()
+        kept = policy.kept(mask[None])
+        assert [costs[c](kept).item() * d for c, d in zip(costs, dense)] == pytest.approx(crl.count(small), rel=1e-12)
+        net.model.eval()
+        with torch.no_grad():
+            masked = net.model(x, [g[None] for g in policy.split(mask)])
+            torch.testing.assert_close(small(x), masked, rtol=1e-4, atol=1e-4 * masked.abs().max().item())
+        assert small(x).shape == (2, 10)
+    # a training forward pass of K masks: each slice's BN statistics its own, masked channels exactly zero
+    seen = {}
+    first = net.plain.get_submodule(net.model.groups[0])
+    first.register_forward_hook(lambda m, i, o: seen.update(out=o))
+    net.model.train()
+    masks = torch.stack([random_mask(policy), torch.ones(sum(net.widths))])
+    net.model(torch.cat([x, x]), policy.split(masks))
+    dropped = policy.split(masks)[0][0] == 0
+    assert dropped.any() and (seen['out'][:2, dropped] == 0).all() and (seen['out'][2:, dropped] != 0).any()
+
+
+def test_traced_network_refuses_what_it_cannot_count(crl_tp):
+    with pytest.raises(crl.CRLError, match='grouped convolutions'):
+        crl_tp.TracedNetwork('torchvision:regnet_x_400mf', 10, (3, 32, 32)).costs(['params'])
+
+
+def test_traced_prune_network_meets_the_budget_and_reloads(crl_tp, tmp_path):
+    import torchvision
+    torch.manual_seed(12)
+    model = torchvision.models.mobilenet_v2(num_classes=2)
+    data = signal_data(32)
+    batches = crl.Batches(data, 'train', 8, train=True)
+    small = crl_tp.prune_network(model, batches, {'params': 0.4, 'macs': 0.6}, prune_epochs=1, finetune_epochs=1,
+                                 samples=2)
+    (dp, dm), (sp, sm) = crl.count(model), crl.count(small)
+    assert sp <= 0.4 * dp and sm <= 0.6 * dm and type(small) is type(model)
+    crl_tp.save_pruned(small, tmp_path / 'small.pt', model)
+    code = ("import torch, torchvision, crl_tp; net, info = crl_tp.load_pruned('small.pt', "
+            "torchvision.models.mobilenet_v2(num_classes=2)); print(sum(p.numel() for p in net.parameters()))")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, 'PYTHONPATH': HERE})
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) == sp
+
+
+def test_command_line_prunes_a_torchvision_model(crl_tp, tmp_path, tiny):
+    out = tmp_path / 'out'
+    plain = [a for a in TINY if a not in ('--arch', 'vgg11', '--width', '0.0625')]
+    r = crl.main([*plain, '--arch', 'torchvision:mobilenet_v2', '--data', tiny, '--out', str(out),
+                  '--budget', 'params=0.5,latency=0.99', '--latency-batch', '8'])
+    assert r['pruned']['params'] <= 0.5 * r['dense']['params'] and r['budget_met'] == (r['fractions']['latency'] <= 0.99)
+    assert set(r['latency']['fit']) >= {'coef', 'r2', 'degenerate'} and r['latency']['networks_timed'] >= 1
+    assert len(r['channels']) == 25 and r['arch'] == 'torchvision:mobilenet_v2'
+    net, info = crl.load_pruned(out / 'pruned.pt')  # rebuilt from torchvision, cut, loaded: nothing registered
+    assert crl.count(net)[0] == r['pruned']['params'] and info['widths'] == list(r['channels'].values())
+    for args, message in [(['--arch', 'torchvision:nosuchnet'], 'no classification model'),
+                          (['--arch', 'torchvision:resnet18', '--width', '0.5'], 'built-in architectures')]:
+        with pytest.raises(SystemExit, match=message):
+            crl.main([*plain, *args, '--data', tiny, '--out', str(tmp_path / 'x')])
+
+
+def test_readme_torchvision_example_runs(crl_tp, tmp_path):
+    (tmp_path / 'prune_tv.py').write_text(readme_block('# prune_tv.py'))
+    r = subprocess.run([sys.executable, 'prune_tv.py'], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, 'PYTHONPATH': HERE})
+    assert r.returncode == 0, r.stderr
+    (dp, dm), (sp, sm) = [tuple(int(v) for v in part.strip('() ').split(',')) for part in r.stdout.strip().split(') (')]
+    assert sp <= 0.3 * dp and sm <= 0.5 * dm
+    assert (tmp_path / 'mobilenet_pruned.pt').exists()

@@ -127,6 +127,7 @@ def main():
     p.add_argument('--compile', default='off', choices=['off', 'on', 'both'])
     p.add_argument('--modes', default=','.join(crl.SPEED_MODES), help='inference modes')
     p.add_argument('--multiples', type=int, nargs='+', default=[1, 8, 16, 32, 64])
+    p.add_argument('--multiple-modes', default='folded,compiled', help='inference modes of the multiples table')
     p.add_argument('--tables', nargs='+', default=['ops', 'training', 'inference', 'multiples'])
     p.add_argument('--bf16', default='auto', choices=['auto', 'on', 'off'])
     p.add_argument('--channels-last', default='auto', choices=['auto', 'on', 'off'])
@@ -139,7 +140,8 @@ def main():
     print(f"device {name}, torch {torch.__version__}, width {args.width}, {numerics.describe()}", flush=True)
 
     if 'ops' in args.tables:
-        print('\n| arch | cost evaluation: ATen ops / kernel launches | whole pruning step: ATen ops / kernel launches |')
+        print('\n| arch | cost evaluation: ATen ops / kernel launches | whole pruning step: ATen ops / kernel '
+              'launches |')
         print('|---|---|---|')
         for arch in args.archs:
             (co, cl), (so, sl) = ops_per_step(arch, numerics, args)
@@ -184,13 +186,14 @@ def main():
                 rounded = [min(d, max(multiple, round(w / multiple) * multiple)) for w, d in zip(widths, dense)]
                 small = crl.shrink(model, rounded)
                 macs = crl.count(small)[1]
-                for mode in ('folded', 'compiled'):
+                for mode in args.multiple_modes.split(','):
                     net = crl.runner(small, mode, numerics, (3, 32, 32))
                     (ms,), _ = crl.time_in_turns([net], x, numerics)
                     per_gmac = 1000 * batch / ms / (macs / 1e9)
                     first.setdefault(mode, per_gmac)
                     print(f"| {arch} | {multiple} | {macs / 1e6:.1f} | {mode} | {ms:.3f} | {1000 * batch / ms:,.0f} | "
                           f"{per_gmac:,.0f} | {per_gmac / first[mode]:.2f} |", flush=True)
+
 
 if __name__ == '__main__':
     main()
