@@ -30,36 +30,32 @@ PART I, THE METHOD: self-contained; stop reading at its end and you have all of 
 PART II, THE TOOL: data, measured latency, user cost files, progress, checkpoints, saving and export, inference
 speed, and the command line that runs the whole pipeline on CIFAR or an image folder.
 """
-import argparse
 import copy
-import csv
-import functools
-import glob
-import importlib.util
-import json
 import math
-import os
-import shlex
-import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class CRLError(ValueError):
-    """Bad input, named in one line. The library raises it; the command line prints it and exits with status 1."""
-
-
-def first_line(e):
-    """An exception as one short line, for the one-line errors."""
-    return (str(e).strip().splitlines() or [''])[0][:200]
+import argparse  # noqa: I100  (these for Part II alone)
+import csv
+import functools
+import glob
+import importlib.util
+import json
+import os
+import shlex
+import sys
+import time
 
 
 # =====================================================================================================================
 # PART I: THE METHOD
 # =====================================================================================================================
+
+class CRLError(ValueError):
+    """Bad input, named in one line. The library raises it; the command line prints it and exits with status 1."""
+
 
 # --- 1. Masked networks ----------------------------------------------------------------------------------------------
 # A *group* is a set of channels that are removed together; a mask has one entry per channel of every group. Every
@@ -74,16 +70,16 @@ def first_line(e):
 def batch_norm_per_slice(bn, y, k, update=True):
     """Train-mode BN of `y` = K slices of n samples, each slice normalised with its own mean and variance over its n
     samples (and positions). The running statistics (if `update`) move towards the mean of the slices' statistics."""
-    z = y.float().view(k, -1, *y.shape[1:])  # (K, n, C, ...): a view, whatever the memory format
-    dims = [1, *range(3, z.dim())]
-    var, mean = torch.var_mean(z, dims, correction=0, keepdim=True)
+    z = y.float().view(k, -1, *y.shape[1:])  # (K, n, C, *positions): a view, whatever the memory format
+    var, mean = torch.var_mean(z, [1, *range(3, z.dim())], correction=0, keepdim=True)  # per slice and channel
     if update and bn.track_running_stats:
         with torch.no_grad():
             n = z.numel() // (k * z.shape[2])  # values behind each slice's statistics
             bn.running_mean.lerp_(mean.mean(0).flatten(), bn.momentum)
-            bn.running_var.lerp_(var.mean(0).flatten() * n / max(n - 1, 1), bn.momentum)
+            bn.running_var.lerp_(var.mean(0).flatten() * n / max(n - 1, 1), bn.momentum)  # unbiased, as nn.BatchNorm
             bn.num_batches_tracked += 1
-    shape, z = (1, 1, -1) + (1,) * (z.dim() - 3), (z - mean) * torch.rsqrt(var + bn.eps)
+    z = (z - mean) * torch.rsqrt(var + bn.eps)
+    shape = (1, 1, -1) + (1,) * (z.dim() - 3)
     return (z * bn.weight.view(shape) + bn.bias.view(shape) if bn.affine else z).flatten(0, 1)
 
 
@@ -131,6 +127,8 @@ def units(model):
 
 def group_widths(model):
     """Channels of every group, read off the Units; a group no Unit produces, or one with two sizes, is an error."""
+    if not units(model):
+        raise CRLError(f"{type(model).__name__} has no crl_prune.Unit: build it of Units, or prune it with crl_tp")
     widths, produced = {}, set()
     for u in units(model):
         w = u.layer.weight
@@ -186,8 +184,8 @@ class VGG(nn.Module):
 
 
 class Block(nn.Module):
-    """ResNet BasicBlock. conv1 has a group of its own; conv2, the shortcut and the block's input are summed, so
-    they share the stage's residual-stream group."""
+    """ResNet BasicBlock. conv1 has a group of its own; conv2 and the shortcut (the block's input itself when there
+    is no shortcut convolution) are summed, so they share the stage's residual-stream group."""
 
     def __init__(self, widths, inp, mid, out, stride):
         super().__init__()
@@ -238,15 +236,15 @@ def build(arch, widths, num_classes):
 # --- 3. Costs: exact functions of the kept widths ---------------------------------------------------------------------
 # A cost maps the kept widths of K candidate networks, a (K, groups) tensor, to K fractions of the dense network's
 # cost. The method only ever evaluates costs, never differentiates them, so any function of the kept widths plugs in
-# the same way (measured latency and users' functions in Part II). Parameters count every tensor of the network, BN
-# and classifier included; MACs count conv and linear layers (weight elements x output positions).
+# the same way (measured latency and users' functions in Part II). Parameters count every parameter tensor of the
+# network, BN and classifier included; MACs count conv and linear layers (weight elements x output positions).
 COSTS = ['params', 'macs']
 
 
 @torch.no_grad()
 def output_positions(model, input_shape):
     """Output positions (H*W; 1 for a linear layer) of every conv and linear layer, from one input of `input_shape`."""
-    sizes, training = {}, model.training
+    sizes, modes = {}, {m: m.training for m in model.modules()}
     hooks = [m.register_forward_hook(lambda m, i, o: sizes.__setitem__(m, o[0].numel() // m.weight.shape[0]))
              for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
     try:
@@ -254,7 +252,8 @@ def output_positions(model, input_shape):
     finally:
         for h in hooks:
             h.remove()
-        model.train(training)
+        for m, mode in modes.items():
+            m.training = mode
     return sizes
 
 
@@ -266,12 +265,10 @@ def count(model, input_shape=(3, 32, 32)):
 
 def make_costs(model, names=COSTS, input_shape=(3, 32, 32)):
     """{name: C(widths) -> fraction of the dense `model`} for 'params' and 'macs', exact for any network of Units.
-
     Every tensor of a unit has (its fixed dims) x (kept width of its output group) x (kept width of its input group)
-    elements, so both counts are polynomials of degree 2 in the kept widths w: with w' = (1, w),
-    count(w) = w'^T M w', one (groups + 1)^2 matrix M per cost, built once here (tensors outside Units are constant).
-    A step's K candidates then cost one einsum, exactly (integers in float64). Checked once against the counts of a
-    compacted network, so a layer outside the Units that reads pruned channels is an error, not a wrong count."""
+    elements, so both counts are quadratic forms count(w) = w'^T M w' in w' = (1, w), one matrix M per cost (tensors
+    outside Units are constants): a step's K candidates cost one einsum, exactly. Checked once on a compacted network,
+    so a layer outside the Units that reads pruned channels is an error, not a wrong count."""
     widths, positions = group_widths(model), output_positions(model, input_shape)
     matrices = {name: torch.zeros(len(widths) + 1, len(widths) + 1, dtype=torch.float64) for name in COSTS}
     seen = set()
@@ -279,7 +276,8 @@ def make_costs(model, names=COSTS, input_shape=(3, 32, 32)):
         for name, t in unit.named_parameters():
             groups = dict(unit.dim_groups(t))  # a dim that follows a group has that group's kept width
             fixed = math.prod(size for d, size in enumerate(t.shape) if d not in groups)
-            i, j = ([1 + g for g in groups.values()] + [0, 0])[:2]  # index 0 of w' is the constant 1
+            i = 1 + groups[0] if 0 in groups else 0  # t has fixed * w_out * w_in, fixed * w_out or fixed elements:
+            j = 1 + groups[1] if 1 in groups else 0  # index 0 of w' is the constant 1
             matrices['params'][i, j] += fixed
             if name == 'layer.weight':  # MACs: weight elements x output positions
                 matrices['macs'][i, j] += fixed * positions[unit.layer]
@@ -287,26 +285,28 @@ def make_costs(model, names=COSTS, input_shape=(3, 32, 32)):
     matrices['params'][0, 0] += sum(p.numel() for p in model.parameters() if id(p) not in seen)
     matrices['macs'][0, 0] += sum(m.weight.numel() * n for m, n in positions.items() if id(m.weight) not in seen)
 
-    def evaluate(widths, m):  # (..., groups) -> exact count of the network that keeps them
-        w = torch.cat([torch.ones_like(widths[..., :1]), widths], -1).to(m)
-        return torch.einsum('...i,ij,...j->...', w, m, w)
-
-    dense, probe = torch.tensor(widths), [torch.arange(w) % 2 == 0 for w in widths]  # every other channel kept
+    probe = [torch.arange(w) % 2 == 0 for w in widths]  # every other channel kept: the counts must agree
     try:
         counted = count(compact(model, probe), input_shape)
     except RuntimeError:
         counted = 'does not run'
-    if counted != tuple(evaluate(torch.stack([p.sum() for p in probe]), m).item() for m in matrices.values()):
+    if counted != tuple(quadratic(torch.stack([p.sum() for p in probe]), m).item() for m in matrices.values()):
         what = counted if isinstance(counted, str) else 'has other counts'
         raise CRLError(f"a compacted {type(model).__name__} {what}: a layer outside the Units reads pruned channels; "
                        f"make it part of a Unit")
+    return {name: fraction_of(matrices[name], widths) for name in names}
 
-    def fraction(name):
-        m, total = matrices[name], evaluate(dense, matrices[name]).item()
-        on = {}  # a copy of M per device, made once
-        return lambda widths: evaluate(widths, on.setdefault(widths.device, m.to(widths.device))) / total
 
-    return {name: fraction(name) for name in names}
+def quadratic(widths, m):
+    """w'^T M w' with w' = (1, w) for every row of (..., groups) kept widths: the exact count they keep."""
+    w = torch.cat([torch.ones_like(widths[..., :1]), widths], -1).to(m)
+    return torch.einsum('...i,ij,...j->...', w, m, w)
+
+
+def fraction_of(m, dense_widths):
+    """The cost C(widths) = count(widths) / count(dense widths) of the quadratic form `m`."""
+    total, on = quadratic(torch.tensor(dense_widths), m).item(), {}  # on: a copy of M per device, made once
+    return lambda widths: quadratic(widths, on.setdefault(widths.device, m.to(widths.device))) / total
 
 
 # --- 4. The policy: pi_theta(m) = prod_c Bernoulli(m_c; p_c),  p = sigmoid(theta), one entry per channel -------------
@@ -334,7 +334,8 @@ class Policy(nn.Module):
         return masks.split(self.widths, -1)
 
     def kept(self, masks):
-        """Kept widths per group, the input of every cost (of mean widths, for keep-probabilities)."""
+        """Kept widths per group of each mask, the input of every cost (given keep-probabilities instead of masks:
+        the expected widths, rounded)."""
         return (masks @ self.groups).round().long()
 
 
@@ -354,9 +355,10 @@ def reinforce_loss(policy, masks, reward, cost, budget, lam):
 # the cost starts far over a small budget (0.8 against 0.1, say) lambda grows for a long time, and once the budget is
 # met it can shrink only by eta * b_j per step, so the policy keeps being pushed far below the budget. Two changes
 # damp this. The violation is measured relative to the budget and clipped, e = clip((C - b) / b, -1, 1), so lambda
-# winds down below the budget as fast as it wound up above it, whatever the budget. And a term proportional to the
-# current violation (Platt & Barr 1988; the PI-Lagrangian of Stooke et al. 2020) takes pressure off as soon as the
-# cost nears the budget.
+# moves by at most eta a step either way, whatever the budget: far over it, it winds up at eta; below it, it winds
+# down at eta (C - b) / b, up to eta. And a term proportional to the current violation (Platt & Barr 1988; the
+# PI-Lagrangian of Stooke et al. 2020) takes pressure off as soon as the cost nears the budget:
+#     I_j <- max(0, I_j + eta e_j),    lambda_j = max(0, I_j + damping e_j)
 
 def dual_step(integral, cost, budget, eta, damping):
     """Returns the new integral term and the multipliers lambda_j = max(0, I_j + damping * e_j)."""
@@ -385,7 +387,9 @@ def pruning_step(model, policy, costs, budget, integral, lam, x, y, opt_w, opt_p
     cost = torch.stack([c(policy.kept(masks)) for c in costs.values()], 1)  # C_j(m_k), evaluated, not differentiated
     opt_w.zero_grad(set_to_none=True)
     opt_p.zero_grad(set_to_none=True)
-    (ce.mean() + reinforce_loss(policy, masks, -ce.detach(), cost, budget, lam)).backward()  # reward R_k = -ce_k
+    # two losses on disjoint parameters, one backward: the masks carry no gradient to theta, the advantage none to
+    # the weights; the reward of mask k is R_k = -ce_k
+    (ce.mean() + reinforce_loss(policy, masks, -ce.detach(), cost, budget, lam)).backward()
     opt_w.step()
     opt_p.step()
     new_integral, new_lam = dual_step(integral, cost.mean(0), budget, dual_lr, damping)
@@ -407,6 +411,8 @@ def prune(model, costs, budget, batches, epochs=10, *, samples=8, lr=0.02, weigh
     """The pruning loop: every step of every epoch a `pruning_step` on a batch of `batches` (re-iterable, with a
     len: a list or a DataLoader of (images, labels); each batch runs K = `samples` times). costs: {name: C(widths)},
     budget: fractions in the same order. Returns the policy (a new one unless given) and the multipliers."""
+    if samples < 2:
+        raise CRLError(f"samples={samples}: at least 2 masks a step (each one's baseline is the others' mean reward)")
     device = next(model.parameters()).device
     budget = torch.as_tensor(budget, dtype=torch.float64, device=device)
     policy = (policy or Policy(group_widths(model), init_keep)).to(device)
@@ -461,19 +467,23 @@ def train(model, batches, epochs, lr=0.1, *, weight_decay=5e-4, bf16=False, comp
 
 
 @torch.no_grad()
-def recalibrate_bn(model, batches, count=20, bf16=False):
-    """BN running statistics of the network itself, averaged over `count` training batches: after pruning they
-    replace the statistics that many sampled masks accumulated together in the dense network."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def recalibrate_bn(model, batches, n=20, bf16=False):
+    """BN running statistics of the network itself, averaged over `n` training batches: after pruning they replace
+    the statistics that many sampled masks accumulated together in the dense network. The model's modes and BN
+    momenta are left as they were."""
+    bns = {m: m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    modes = {m: m.training for m in model.modules()}
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # a plain average over the batches below
     model.train()
-    for _, (x, _) in zip(range(count), batches):
+    for _, (x, _) in zip(range(n), batches):
         with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
             model(x)
-    for m in bns:
-        m.momentum = 0.1
+    for m, momentum in bns.items():
+        m.momentum = momentum
+    for m, mode in modes.items():
+        m.training = mode
 
 
 # --- 8. The final mask: most probable channels first, as many as every budget allows, at least one per group ---------
@@ -497,9 +507,10 @@ def rounded(widths, counts, multiple):
     return torch.maximum(counts - counts % multiple, torch.tensor(widths, device=counts.device).clamp(max=multiple))
 
 
-def within(costs, budget, kept):
-    """Whether the network that keeps the widths `kept` (one row) meets every budget."""
-    return all(c(kept.view(1, -1))[0].item() <= b for c, b in zip(costs.values(), budget.tolist()))
+def allowed(costs, budget, widths):
+    """Whether each row of (N, groups) kept widths meets every budget: (N,) booleans."""
+    ok = [c(widths) <= b for c, b in zip(costs.values(), budget.tolist())]
+    return torch.stack(ok).all(0) if ok else torch.ones(len(widths), dtype=torch.bool)
 
 
 def prefixes(policy, multiple=1):
@@ -514,7 +525,7 @@ def final_mask(policy, costs, budget, multiple=1):
     counts rounded to `multiple` per group). Every prefix is evaluated at once, one call of each cost on all of them,
     so a cost that can fall when a channel is added (measured latency, a user's function) still gets the longest."""
     counts = prefixes(policy, multiple)
-    ok = torch.stack([c(counts) <= b for c, b in zip(costs.values(), budget.tolist())]).all(0)
+    ok = allowed(costs, budget, counts)
     if not ok.any():
         raise CRLError(f'the budget is below the smallest network ({multiple} channel(s) per group)')
     return keep_top(policy, counts[ok.nonzero().max()].tolist())
@@ -560,28 +571,31 @@ def checked_budget(budget, costs, widths, multiple=1):
     if not all(0 < budget[n] <= 1 for n in names):
         raise CRLError(f"budget {budget}: every value is a fraction of the dense network, in (0, 1]")
     costs, fractions = {n: costs[n] for n in names}, torch.tensor([budget[n] for n in names], dtype=torch.float64)
-    if not within(costs, fractions, rounded(widths, [1] * len(widths), multiple)):
+    if not allowed(costs, fractions, rounded(widths, [1] * len(widths), multiple)[None])[0]:
         raise CRLError(f"budget {budget}: infeasible, even {multiple} channel(s) per group cost more")
     return costs, fractions
 
 
 def prune_network(model, batches, budget, *, costs=None, input_shape=None, prune_epochs=10, prune_lr=0.02,
                   finetune_epochs=10, lr=0.1, finetune_batches=None, multiple=1, bf16=False, callback=None,
-                  **options):
+                  widths=None, compact_of=None, **options):
     """Prune `model`, a network of Units whose forward takes (x, masks=None), under `budget`, {cost name: fraction
-    of the dense network in (0, 1]}, e.g. {'params': 0.1} or {'macs': 0.3, 'energy': 0.5}. Returns the compact
-    network, fine-tuned for `finetune_epochs` at `lr` on `finetune_batches` (default: `batches`).
-    batches: re-iterable (images, labels) batches on the model's device, with a len; a pruning step runs its batch
-    K times, so batches of batch_size / K images keep the work of a plain step. costs: more {name: C(widths)}
-    (section 3); 'params' and 'macs' are built in, counted at `input_shape` (default: the batches' image shape).
-    options: the other keywords of `prune` (samples, policy_lr, dual_lr, damping, init_keep, weight_decay, ...).
-    Bad input raises CRLError before any training."""
-    input_shape = tuple(input_shape or next(iter(batches))[0].shape[1:])
-    costs = {**make_costs(model, [n for n in budget if n in COSTS], input_shape), **(costs or {})}
-    costs, fractions = checked_budget(budget, costs, group_widths(model), multiple)
-    policy, _ = prune(model, costs, fractions, batches, prune_epochs, lr=prune_lr, bf16=bf16, callback=callback,
-                      **options)
-    small = compact(model, policy.split(final_mask(policy, costs, fractions, multiple)))
+    of the dense network in (0, 1]} (e.g. {'params': 0.1}, {'macs': 0.3, 'energy': 0.5}); return the compact network,
+    fine-tuned. batches: re-iterable (images, labels) batches with a len, on the model's device (a pruning step runs
+    its batch K times); costs: more {name: C(widths)}, params and macs built in; options: `prune`'s keywords. A
+    network not built of Units (crl_tp's) gives its `widths`, costs and `compact_of(masks)`. Bad input raises
+    CRLError before any training."""
+    costs = dict(costs or {})
+    built_in = [n for n in budget if n in COSTS and n not in costs]
+    if built_in:
+        costs.update(make_costs(model, built_in, tuple(input_shape or next(iter(batches))[0].shape[1:])))
+    widths = widths or group_widths(model)
+    costs, fractions = checked_budget(budget, costs, widths, multiple)
+    policy = Policy(widths, options.pop('init_keep', 0.9))
+    policy, _ = prune(model, costs, fractions, batches, prune_epochs, lr=prune_lr, policy=policy, bf16=bf16,
+                      callback=callback, **options)
+    masks = policy.split(final_mask(policy, costs, fractions, multiple))
+    small = compact_of(masks) if compact_of else compact(model, masks)
     recalibrate_bn(small, batches, bf16=bf16)
     return train(small, finetune_batches or batches, finetune_epochs, lr, bf16=bf16, phase='finetune',
                  callback=callback)
@@ -603,6 +617,11 @@ def prune_network(model, batches, budget, *, costs=None, input_shape=None, prune
 
 def fail(message):
     raise CRLError(message)
+
+
+def first_line(e):
+    """An exception as one short line, for the one-line errors."""
+    return (str(e).strip().splitlines() or [''])[0][:200]
 
 
 # --- 11. Data ---------------------------------------------------------------------------------------------------------
@@ -771,7 +790,10 @@ def evaluate(model, data):
 def shrink(model, widths):
     """`model` cut to `widths` channels per group (the first ones): a network of that shape, for timing or for
     loading weights saved from a compact network."""
-    return compact(model, [torch.arange(w) < k for w, k in zip(group_widths(model), widths)])
+    dense = group_widths(model)
+    if len(widths) != len(dense) or any(not 0 < k <= w for w, k in zip(dense, widths)):
+        fail(f"widths {list(widths)} do not fit a network of widths {dense}")
+    return compact(model, [torch.arange(w) < k for w, k in zip(dense, widths)])
 
 
 # --- 12. Measured latency ---------------------------------------------------------------------------------------------
@@ -790,12 +812,13 @@ def time_forward(net, x, numerics, repeats=20, warmup=3):
     times = []
     for _ in range(warmup + repeats):
         if numerics.device.type == 'cuda':
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            with numerics.autocast():
-                net(x)
-            end.record()
-            torch.cuda.synchronize()
+            with torch.cuda.device(numerics.device):  # events and synchronisation on the network's GPU
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                with numerics.autocast():
+                    net(x)
+                end.record()
+                torch.cuda.synchronize(numerics.device)
             times.append(start.elapsed_time(end) / 1000)
         else:
             t = time.perf_counter()
@@ -879,26 +902,41 @@ def build_latency_table(model, numerics, batch, input_shape=(3, 32, 32), repeats
         if u.depthwise:  # only the diagonal is ever used: copy it across
             ms = torch.diag(ms).expand(len(gin), -1).clone()
         tables.append({'inp': u.inp, 'out': u.out, 'grid_in': gin, 'grid_out': gout, 'ms': ms})
-    table = {'meta': {'widths': widths}, 'units': tables, 'a': 1.0, 'b': 0.0}  # `latency_cost` adds the rest
-    # Calibration: whole networks at a few widths (uniformly thinned, and random), timed, fit to
-    # a * (sum of the units' table values) + b by least squares: b holds pools, additions and per-call overheads.
+    table = {'meta': {'widths': widths}, 'units': tables, 'coef': [1.0, 0.0]}  # `latency_table` adds the rest
+    # Calibration: whole networks timed, fit to a * (sum of the units' table values) + b by least squares: b holds
+    # pools, additions and per-call overheads.
+    candidates = calibration_widths(widths)
+    sums = Latency(table).predict_ms(candidates)
+    nets = [numerics.place(shrink(model, w.tolist())) for w in candidates]
+    return {**table, **calibrate(nets, torch.stack([sums, torch.ones_like(sums)], 1),
+                                 numerics.random_input(batch, input_shape), numerics, repeats)}
+
+
+def calibration_widths(widths):
+    """Eight width vectors to time whole networks at: the dense one, uniformly thinned ones, random ones."""
     dense = torch.tensor(widths)
     keep = torch.cat([torch.tensor([[1.0], [0.6], [0.3], [0.1]]).expand(4, len(dense)),
                       torch.rand(4, len(dense), generator=torch.Generator().manual_seed(0)) * 0.9 + 0.1])
-    candidates = (dense * keep).round().clamp(min=1).long()
-    sums = Latency(table).predict_ms(candidates)
-    nets = [numerics.place(shrink(model, w.tolist())) for w in candidates]
-    measured = torch.tensor(time_in_turns(nets, numerics.random_input(batch, input_shape), numerics, rounds=2,
-                                          repeats=repeats)[0], dtype=torch.float64)
-    a, b = torch.linalg.lstsq(torch.stack([sums, torch.ones_like(sums)], 1), measured[:, None]).solution.flatten()
-    residual = measured - (a * sums + b)
-    r2 = 1 - (residual ** 2).sum() / ((measured - measured.mean()) ** 2).sum().clamp(min=1e-12)
-    fit = {'a': a.item(), 'b': b.item(), 'r2': r2.item(), 'degenerate': bool(a <= 0 or r2 < 0.5)}
-    if fit['degenerate']:  # the units' sum alone still rises with every width: it steers the policy sensibly
-        fit['note'] = (f"the fit of whole-network timings was degenerate (a={fit['a']:.3g}, b={fit['b']:.3g} ms, "
-                       f"R^2={fit['r2']:.2f}); the units' sum alone predicts latency")
-    a, b = (1.0, 0.0) if fit['degenerate'] else (fit['a'], fit['b'])
-    return {**table, 'a': a, 'b': b, 'fit': fit, 'dense_ms': measured[0].item()}
+    return (dense * keep).round().clamp(min=1).long()
+
+
+def calibrate(nets, features, x, numerics, repeats=5):
+    """The networks of `calibration_widths` timed in turns, fit by least squares to `features` (one row per network,
+    the last column a constant): {'coef', 'fit', 'dense_ms'}. A degenerate fit (R^2 < 0.5, a prediction <= 0, or no
+    more time predicted for the dense network than for the thinnest: timings a busy machine scrambled) is reported
+    in 'fit' and replaced by the first feature alone, which still rises with every width."""
+    measured = torch.tensor(time_in_turns(nets, x, numerics, rounds=2, repeats=repeats)[0], dtype=torch.float64)
+    coef = torch.linalg.lstsq(features, measured[:, None]).solution.flatten()
+    predicted = features @ coef
+    r2 = 1 - ((measured - predicted) ** 2).sum() / ((measured - measured.mean()) ** 2).sum().clamp(min=1e-12)
+    fit = {'coef': coef.tolist(), 'r2': r2.item(),
+           'degenerate': bool(r2 < 0.5 or (predicted <= 0).any() or predicted[0] <= predicted[3])}
+    if fit['degenerate']:
+        fit['note'] = (f"the fit of whole-network timings was degenerate (coefficients "
+                       f"{', '.join(f'{c:.3g}' for c in fit['coef'])}, R^2 {fit['r2']:.2f}); the first feature alone "
+                       f"predicts latency")
+    coef = [1.0] + [0.0] * (len(coef) - 1) if fit['degenerate'] else fit['coef']
+    return {'coef': coef, 'fit': fit, 'dense_ms': measured[0].item()}
 
 
 def interpolation(grid, n):
@@ -913,31 +951,14 @@ def interpolation(grid, n):
     return m
 
 
-class Latency:
-    """The latency cost: C(widths) = predicted latency / predicted dense latency, for K width vectors at once (a
-    ratio of two predictions: one noisy timing of the dense network does not shift every fraction)."""
+class LatencyCost:
+    """A latency cost: C(widths) = predicted latency / predicted dense latency, for K width vectors at once (a ratio
+    of two predictions: one noisy timing of the dense network does not shift every fraction); `measure_ms` times
+    whole networks where the table was made (`numerics`). Subclasses predict: `predict_ms(widths)`."""
 
-    def __init__(self, table, numerics=None):  # numerics: where `measure_ms` times networks
+    def __init__(self, table, numerics=None):
         self.table, self.numerics, self.dense_ms = table, numerics, table.get('dense_ms')
-        g = len(table['meta']['widths'])
-        flat, offsets, rows, cols, strides = [], [], [], [], []
-        for t in table['units']:  # every unit's table at every integer width pair, flattened one after the other
-            full = interpolation(t['grid_in'], t['grid_in'][-1]) @ t['ms'] @ interpolation(t['grid_out'],
-                                                                                           t['grid_out'][-1]).T
-            offsets.append(sum(f.numel() for f in flat))
-            rows.append(g if t['inp'] is None else t['inp'])  # column g of the widths is a constant 0: fixed dims
-            cols.append(g if t['out'] is None else t['out'])
-            strides.append(full.shape[1])
-            flat.append(full.flatten())
-        self.flat = torch.cat(flat)
-        self.index = [torch.tensor(v) for v in (offsets, rows, cols, strides)]
         self.dense_predicted_ms = self.predict_ms(torch.tensor([table['meta']['widths']])).item()
-
-    def predict_ms(self, widths):
-        offsets, rows, cols, strides = (v.to(widths.device) for v in self.index)
-        w = torch.cat([widths, torch.zeros_like(widths[..., :1])], -1)
-        self.flat = self.flat.to(widths.device)
-        return self.flat[offsets + w[..., rows] * strides + w[..., cols]].sum(-1) * self.table['a'] + self.table['b']
 
     def __call__(self, widths):
         return self.predict_ms(widths) / self.dense_predicted_ms
@@ -950,17 +971,44 @@ class Latency:
         return time_in_turns(nets, x, self.numerics, rounds)
 
 
+class Latency(LatencyCost):
+    """The latency cost of a network of Units: a * (sum over its units of their tables, at the candidate's widths)
+    + b."""
+
+    def __init__(self, table, numerics=None):
+        g = len(table['meta']['widths'])
+        flat, offsets, rows, cols, strides = [], [], [], [], []
+        for t in table['units']:  # every unit's table at every integer width pair, flattened one after the other
+            full = interpolation(t['grid_in'], t['grid_in'][-1]) @ t['ms'] @ interpolation(t['grid_out'],
+                                                                                           t['grid_out'][-1]).T
+            offsets.append(sum(f.numel() for f in flat))
+            rows.append(g if t['inp'] is None else t['inp'])  # column g of the widths is a constant 0: fixed dims
+            cols.append(g if t['out'] is None else t['out'])
+            strides.append(full.shape[1])
+            flat.append(full.flatten())
+        self.flat = torch.cat(flat)
+        self.index = [torch.tensor(v) for v in (offsets, rows, cols, strides)]
+        super().__init__(table, numerics)
+
+    def predict_ms(self, widths):
+        offsets, rows, cols, strides = (v.to(widths.device) for v in self.index)
+        w = torch.cat([widths, torch.zeros_like(widths[..., :1])], -1)
+        self.flat = self.flat.to(widths.device)
+        a, b = self.table['coef']
+        return self.flat[offsets + w[..., rows] * strides + w[..., cols]].sum(-1) * a + b
+
+
 def fit_latency(model, policy, costs, budget, multiple, compact_of=None):
     """The final mask under a latency budget, found by timing: the longest prefix of the ranking (as `final_mask`
     ranks) whose compact network's *measured* latency, timed in turns with the dense network, meets the budget,
-    within every other budget. A bisection over the prefixes starts at the one the prediction chose and moves either
-    way: longer while the measured latency is under the budget, shorter while over; the last one is timed again at
-    more rounds before it is kept. `compact_of(masks)` makes the compact network (default: `compact` of `model`).
-    Returns the mask and what was measured."""
+    within every other budget (to 0.5% of the ranking). A bisection over the prefixes starts at the one the
+    prediction chose and moves either way: longer while the measured latency is under the budget, shorter while over;
+    the last one is timed again at more rounds before it is kept. `compact_of(masks)` makes the compact network
+    (default: `compact` of `model`). Returns the mask and what was measured."""
     latency, j = costs['latency'], list(costs).index('latency')
     target, counts = budget[j].item(), prefixes(policy, multiple)
-    others = torch.stack([c(counts) <= b for i, (c, b) in enumerate(zip(costs.values(), budget.tolist()))
-                          if i != j] or [torch.ones(len(counts), dtype=torch.bool)]).all(0)
+    others = allowed({n: c for n, c in costs.items() if n != 'latency'},
+                     torch.cat([budget[:j], budget[j + 1:]]), counts)
     candidates = others.nonzero().flatten()  # prefix lengths every other budget allows, shortest first
     if not len(candidates):
         fail(f'the budget is below the smallest network ({multiple} channel(s) per group)')
@@ -976,7 +1024,8 @@ def fit_latency(model, policy, costs, budget, multiple, compact_of=None):
 
     lo, hi = -1, len(candidates)  # measured so far: lo meets the budget (-1: none yet), hi does not
     i, step = (predicted.nonzero().max().item() if predicted.any() else 0), 1
-    while hi - lo > 1:  # gallop away from the prediction's choice while one side is open, then bisect
+    while hi - lo > max(1, len(candidates) // 200):  # gallop away from the prediction's choice while one side is
+        # open, then bisect, down to 0.5% of the ranking: what a few channels more would add is within the noise
         lo, hi = (i, hi) if measure(i) else (lo, i)
         i = lo + step if hi == len(candidates) else hi - step if lo == -1 else (lo + hi) // 2
         i, step = min(max(i, lo + 1), hi - 1), step * 2
@@ -986,6 +1035,12 @@ def fit_latency(model, policy, costs, budget, multiple, compact_of=None):
     if chosen not in timings:
         measure(chosen)
     return keep_top(policy, counts[candidates[chosen]].tolist()), {**timings[chosen], 'timings': len(timings)}
+
+
+def latency_table(net, numerics, batch):
+    """The latency model of `net` (a `Network`) timed on `numerics`' device at `batch` inputs, with what it depends
+    on (`latency_meta`)."""
+    return {**net.latency_table(numerics, batch), 'meta': latency_meta(net, numerics, batch)}
 
 
 def latency_cost(net, args):
@@ -1006,8 +1061,7 @@ def latency_cost(net, args):
         build_s = 0.0
     else:
         t0 = time.time()
-        meta = latency_meta(net, numerics, args.latency_batch)
-        table = {**net.latency_table(numerics, args.latency_batch), 'meta': meta}
+        table = latency_table(net, numerics, args.latency_batch)
         build_s = time.time() - t0
         os.makedirs(args.out, exist_ok=True)
         save_atomic(table, os.path.join(args.out, 'latency_table.pt'))
@@ -1320,16 +1374,20 @@ def save_pruned(model, path, mean=None, std=None, classes=None, input_shape=(3, 
 def load_pruned(path, model=None, device='cpu'):
     """The network saved by `save_pruned` (pruned.pt or dense.pt of a run) in eval mode, and its info: {'mean',
     'std' (normalise inputs in [0, 1] as (x - mean) / std per channel), 'classes', 'input_shape', 'widths', ...}.
-    A built-in architecture is rebuilt by name; for your own network pass `model`, an instance of its dense form
-    (any weights): it is cut to the saved widths, then the saved weights are loaded into it."""
+    A built-in architecture is rebuilt by name (a torchvision one through crl_tp); for your own network pass `model`,
+    an instance of its dense form (any weights): it is cut to the saved widths, then the saved weights go in."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    if model is None and not is_known(ckpt.get('arch')):
-        fail(f"{path} holds a {ckpt.get('arch')}, not a built-in network: pass model=, an instance of its dense form")
-    if model is None:
-        net = network(ckpt['arch'], ckpt.get('width') or 1.0, ckpt['num_classes'], ckpt['input_shape'])
+    arch = ckpt.get('arch')
+    traced = str(arch).startswith('torchvision:') or (model is not None and not units(model))
+    if model is None and not is_known(arch):
+        fail(f"{path} holds a {arch}, not a built-in network: pass model=, an instance of its dense form")
+    if traced:
+        import crl_tp  # torch-pruning
+        model = crl_tp.build(arch, ckpt['num_classes'], ckpt['input_shape']) if model is None else model
+        net = crl_tp.TracedNetwork(arch, ckpt['num_classes'], ckpt['input_shape'], model.to(device))
         net = net.shrink(ckpt['widths'])
     else:
-        net = shrink(model, ckpt['widths'])
+        net = build(arch, ckpt['widths'], ckpt['num_classes']) if model is None else shrink(model, ckpt['widths'])
     net.to(device).load_state_dict(ckpt['state_dict'])
     return net.eval(), {k: v for k, v in ckpt.items() if k != 'state_dict'}
 
@@ -1338,8 +1396,15 @@ def load_pruned(path, model=None, device='cpu'):
 def fold_bn(model):
     """A copy of `model` for inference, each Unit's BN folded into its layer: W' = W s, b' = (b - mean) s + beta
     with s = gamma / sqrt(var + eps) per output channel. In eval mode it computes what `model` computes (up to
-    rounding) with one kernel and one pass over the activations less per unit; it is not for training."""
+    rounding) with one kernel and one pass over the activations less per unit; it is not for training. A network
+    without Units (a torchvision one) is folded by torch.fx where it traces symbolically, else left as it is."""
     folded = copy.deepcopy(model).eval()
+    if not units(folded):
+        try:
+            from torch.fx.experimental.optimization import fuse
+            return fuse(folded)
+        except Exception:
+            return folded
     for u in units(folded):
         bn, layer = u.bn, u.layer
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
@@ -1357,10 +1422,14 @@ def onnx_available():
     return all(importlib.util.find_spec(m) is not None for m in ('onnx', 'onnxscript'))
 
 
+def any_batch(input_shape):
+    """An example input of `input_shape` and torch.export's spec that its batch size may be any."""
+    return (torch.randn(2, *input_shape),), ({0: torch.export.Dim('batch', min=1, max=65536)},)
+
+
 def to_onnx(model, input_shape):
     """`model` as an ONNX program (torch's exporter), any batch size."""
-    example = (torch.randn(2, *input_shape),)
-    batch = ({0: torch.export.Dim('batch', min=1, max=65536)},)
+    example, batch = any_batch(input_shape)
     return torch.onnx.export(model, example, dynamo=True, dynamic_shapes=batch, input_names=['input'],
                              output_names=['logits'], verbose=False)
 
@@ -1385,8 +1454,8 @@ def export_pruned(path, out_path, model=None):
         onnx.helper.set_model_props(proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
         onnx.save(proto, out_path)
     else:
-        batch = ({0: torch.export.Dim('batch', min=1, max=65536)},)
-        torch.export.save(torch.export.export(net, (torch.randn(2, *shape),), dynamic_shapes=batch), out_path)
+        example, batch = any_batch(shape)
+        torch.export.save(torch.export.export(net, example, dynamic_shapes=batch), out_path)
         with open(os.path.splitext(out_path)[0] + '.json', 'w') as f:
             json.dump(meta, f, indent=1)
     return meta
@@ -1548,7 +1617,8 @@ def parse_args(argv):
         except ImportError:
             fail('--tensorboard needs the tensorboard package (pip install tensorboard); metrics.csv has the same '
                  'scalars without it')
-    args.out = args.out or os.path.join('runs', f"{args.arch}-{args.budget.replace('=', '').replace(',', '-')}")
+    args.out = args.out or os.path.join('runs', f"{args.arch}-{args.budget}".replace(':', '-').replace(
+        '=', '').replace(',', '-'))
     return args
 
 
@@ -1740,23 +1810,23 @@ class Pipeline:
         self.input_shape = (3, 32, 32)  # the loader resizes every image to 32x32
         self.net = network(args.arch, args.width, classes, self.input_shape)
         self.model = self.net.model
+        for name, why in getattr(self.model, 'skipped', {}).items():  # crl_tp's: groups it cannot prune
+            print(f"{args.arch}: the channels of {name} stay ({why})")
         self.stats = load_dense(args.pretrained, self.net.plain) if args.pretrained else {}
         self.costs, self.dense_cost = build_costs(self.net, args)
         self.fractions = resolve_budget(args.budget_parsed, self.dense_cost)
         self.budget = torch.tensor(list(self.fractions.values()), dtype=torch.float64)
         self.multiple = args.channel_multiple or (8 if self.device.type == 'cuda' else 1)
-        widths = self.net.widths
-        smallest = rounded(widths, [1] * len(widths), self.multiple)
+        others = {n: b for n, b in self.fractions.items() if n != 'latency'}
+        if others:
+            checked_budget(others, self.costs, self.net.widths, self.multiple)
         if 'latency' in self.costs:  # timed, not predicted: a poor prediction must not call a budget infeasible
-            latency = self.costs['latency']
-            (small_ms, dense_ms), _ = latency.measure_ms(self.net.shrink(smallest.tolist()), self.net.plain)
-            feasible = small_ms / dense_ms <= self.fractions['latency'] and within(
-                {n: c for n, c in self.costs.items() if n != 'latency'},
-                torch.tensor([b for n, b in self.fractions.items() if n != 'latency']), smallest)
-        else:
-            feasible = within(self.costs, self.budget, smallest)
-        if not feasible:
-            fail(f"--budget {args.budget}: infeasible, even {self.multiple} channel(s) per group cost more")
+            widths = self.net.widths
+            smallest = self.net.shrink(rounded(widths, [1] * len(widths), self.multiple).tolist())
+            (small_ms, dense_ms), _ = self.costs['latency'].measure_ms(smallest, self.net.plain)
+            if small_ms / dense_ms > self.fractions['latency']:
+                fail(f"--budget {args.budget}: infeasible, even {self.multiple} channel(s) per group take "
+                     f"{small_ms / dense_ms:.3f} of the dense latency, timed")
 
     def callbacks(self, phase, total_steps):
         """Progress lines and metrics.csv rows, then checkpoints, as one callback of Part I's loops."""
@@ -1958,6 +2028,9 @@ def main(argv=None):
             raise SystemExit(f"crl_prune: interrupted before the first checkpoint; start again with: {command}")
         command = shlex.join(['python', *words, *([] if args.resume else ['--resume'])])
         raise SystemExit(f"crl_prune: interrupted; {pipeline.checkpoint.describe()}; resume with: {command}")
+    finally:  # a failed run's metrics.csv and TensorBoard files are closed too
+        if getattr(pipeline, 'metrics', None):
+            pipeline.metrics.close()
 
 
 if __name__ == '__main__':

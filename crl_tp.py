@@ -9,16 +9,17 @@ Torch-Pruning traces it from an example input and finds its coupled channel grou
 sums, a depthwise convolution and its input, a concatenation's parts), and those become CRL's groups. Everything
 else is crl_prune's own, unchanged: the policy, REINFORCE with the leave-one-out baseline, the dual step, the final
 mask, the loops. This module adds what a traced network needs:
-  1. Traced         the groups; the K masks of a pruning step applied by forward hooks (slice k of the batch under
-                    mask k, a masked channel exactly zero, BN statistics per slice); the user's class untouched
+  1. Traced         the groups; the K masks of a pruning step applied by forward hooks, only while a masked forward
+                    runs (slice k of the batch under mask k, a masked channel exactly zero, BN statistics per slice);
+                    the user's class and model untouched; compaction by Torch-Pruning
   2. costs          parameters and MACs of any kept widths, exactly: every tensor's sizes as affine functions of the
                     widths, read off by removing one channel of each group, so the counts are quadratic forms;
-                    latency predicted from MACs and activations, fit to timed networks (the final mask is timed)
-  3. compaction     Torch-Pruning removes the dropped channels physically (in `Traced`); loading in a fresh process
-  4. the network    `TracedNetwork`, what crl_prune's command line asks of the network it prunes
-  5. prune_network  the library call
+                    latency predicted from MACs and activations fit to timed networks (the final mask is timed)
+  3. TracedNetwork  what crl_prune's command line asks of the network it prunes (--arch torchvision:NAME)
+  4. prune_network  the library call, and save_pruned (crl_prune.load_pruned loads, given the dense network)
 """
 import copy
+import functools
 
 import torch
 import torch.nn as nn
@@ -29,128 +30,129 @@ import crl_prune as crl
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-# --- 1. Traced: the groups, and masks through forward hooks -----------------------------------------------------------
+# --- 1. Traced: the groups, masks through forward hooks, compaction ---------------------------------------------------
 
-def output_layer(model, example):
-    """The layer whose output is the network's output (the classifier): its channels are never pruned."""
-    outputs = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: outputs.__setitem__(m, o)) for m in model.modules()
-             if isinstance(m, LAYERS)]
-    with torch.no_grad():
+def example_for(model, input_shape):
+    return torch.zeros(1, *input_shape, device=next(model.parameters()).device)
+
+
+def graph_of(model, example):
+    """Torch-Pruning's dependency graph of `model` (which stays in the mode it was in), or one line saying why not."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.enable_grad():  # it traces through autograd
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    except Exception as e:
+        raise crl.CRLError(f"Torch-Pruning cannot trace {type(model).__name__} ({type(e).__name__}: "
+                           f"{crl.first_line(e)})") from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def remove_channels(graph, root, idxs):
+    """Remove channels `idxs` of the group whose root layer is `root`, with everything coupled to them."""
+    graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs).prune()
+
+
+@torch.no_grad()
+def outputs_of(model, example):
+    """{module: its output} of one eval-mode forward pass, and the network's output."""
+    outputs, modes = {}, {m: m.training for m in model.modules()}
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.__setitem__(m, o)) for m in model.modules()]
+    try:
         out = model.eval()(example)
-    for h in hooks:
-        h.remove()
-    last = [m for m, o in outputs.items() if o is out or (o.shape == out.shape and torch.equal(o, out))]
-    return last[-1] if last else list(outputs)[-1]
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return outputs, out
 
 
 class Traced(nn.Module):
     """`model`, unmodified, with CRL's masks: forward(x, masks=None) as crl_prune's loops call it. Groups: the
     prunable channel groups Torch-Pruning finds when it traces `model` at `example`, less those that reach the output
-    layer or an `ignored` layer, those of one channel, and those whose channels cannot be counted by width alone
-    (part of the group's channels sent elsewhere by a split or slice); `skipped` says which and why."""
+    layer (the classifier's outputs stay) or an `ignored` layer, those of one channel, and those whose channels
+    cannot be counted by width alone (part of the group's channels sent elsewhere by a split or slice): `skipped`
+    says which and why. `names` are the groups' root layers."""
 
     def __init__(self, model, example, ignored=()):
         super().__init__()
         self.model, self.input_shape, self.masks = model, tuple(example.shape[1:]), None
-        training = model.training
-        try:
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-        except Exception as e:
-            raise crl.CRLError(f"Torch-Pruning cannot trace {type(model).__name__} ({type(e).__name__}: "
-                               f"{crl.first_line(e)})") from None
-        model.train(training)
-        names = {m: n for n, m in model.named_modules()}
-        ignored = [output_layer(model, example), *ignored]
-        model.train(training)
-        self.groups, self.group_names, self.widths, self.skipped, hooks = [], [], [], {}, {}
-        for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=LAYERS):
-            root = group[0].dep.target.module
-            width = len(group[0].idxs)
-            items = [(item.dep.target.module, item.idxs, item.root_idxs) for item in group
-                     if graph.is_out_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module,
-                                                                                         nn.Module)
-                     and item.dep.target.module in names]
-            partial = [names.get(item.dep.target.module, '?') for item in group
-                       if sorted(set(item.root_idxs)) != list(range(width))]
+        graph = graph_of(model, example)
+        outputs, out = outputs_of(model, example)
+        layers = [m for m in outputs if isinstance(m, LAYERS)]  # in the order they ran
+        output_layer = [m for m in layers if outputs[m] is out] or layers[-1:]
+        layer_names = {m: n for n, m in model.named_modules()}
+        self.names, self.widths, self.skipped, columns = [], [], {}, {}
+        for group in graph.get_all_groups(ignored_layers=[*output_layer, *ignored], root_module_types=LAYERS):
+            root, width = group[0].dep.target.module, len(group[0].idxs)
+            partial = [layer_names.get(i.dep.target.module, '?') for i in group
+                       if sorted(set(i.root_idxs)) != list(range(width))]
             if width < 2 or partial:
-                self.skipped[names[root]] = 'one channel' if width < 2 else f"reaches {partial[0]} in part"
+                self.skipped[layer_names[root]] = 'one channel' if width < 2 else f"reaches {partial[0]} in part"
                 continue
-            g = len(self.groups)
-            self.groups.append(names[root])
-            self.group_names.append(names[root])
+            offset = sum(self.widths)
+            self.names.append(layer_names[root])
             self.widths.append(width)
-            for module, idxs, root_idxs in items:  # module channel idxs[i] is the group's channel root_idxs[i]
-                hooks[module] = (g, torch.tensor(idxs), torch.tensor(root_idxs))
-        if not self.groups:
+            for item in group:  # a layer's output channel idxs[i] is the group's channel root_idxs[i]
+                module = item.dep.target.module
+                if graph.is_out_channel_pruning_fn(item.dep.handler) and module in layer_names:
+                    column = columns.setdefault(module, torch.full((outputs[module].shape[1],), -1))
+                    column[torch.tensor(item.idxs)] = offset + torch.tensor(item.root_idxs)
+        if not self.names:
             raise crl.CRLError(f"Torch-Pruning finds no prunable channel group in {type(model).__name__}")
-        self.graph_modules = names
-        self.hooks = [bn.register_forward_hook(self.bn_hook) for bn in model.modules()  # first: the masks apply
-                      if isinstance(bn, nn.modules.batchnorm._BatchNorm)]            # to what BN computes
-        offsets = [sum(self.widths[:g]) for g in range(len(self.widths))]
-        for module, (g, idxs, root_idxs) in hooks.items():  # output channel c reads column index[c] of the masks
-            index = torch.empty(len(idxs), dtype=torch.long).index_copy_(0, idxs, offsets[g] + root_idxs)
-            self.hooks.append(module.register_forward_hook(self.mask_hook(index)))
-
-    def remove(self):
-        """Take this wrapper's hooks off the model."""
-        for h in self.hooks:
-            h.remove()
-
-    def plain_copy(self):
-        """A copy of the traced model without this wrapper's hooks."""
-        ids = {h.id for h in self.hooks}
-        hooks = [(m, m._forward_hooks) for m in self.model.modules()]
-        for m, h in hooks:  # detached while copying, so that the copy does not hold this wrapper
-            m._forward_hooks = type(h)((k, v) for k, v in h.items() if k not in ids)
-        try:
-            return copy.deepcopy(self.model)
-        finally:
-            for m, h in hooks:
-                m._forward_hooks = h
-
-    def mask_hook(self, index):
-        """Slice k of the batch keeps the channels of mask k, as in crl_prune.Unit."""
-        def hook(module, inputs, output):
-            if self.masks is None:
-                return output
-            m = self.masks[:, index.to(output.device)].to(output.dtype)  # (K, channels)
-            shape = (len(m), 1, -1, *[1] * (output.dim() - 2))
-            return (output.view(len(m), -1, *output.shape[1:]) * m.view(shape)).flatten(0, 1)
-        return hook
-
-    def bn_hook(self, bn, inputs, output):
-        """In training with K masks: each slice normalised with its own statistics (the running ones were updated
-        over the whole batch; nothing reads them before the compact network's are measured afresh)."""
-        if self.masks is None or len(self.masks) < 2 or not bn.training:
-            return output
-        return crl.batch_norm_per_slice(bn, inputs[0], len(self.masks), update=False).to(output.dtype)
+        for column in columns.values():  # channels of no group read the last column of the masks: a column of ones
+            column[column < 0] = sum(self.widths)
+        self.columns, self.layer_names, self.on_device = columns, layer_names, {}
 
     def forward(self, x, masks=None):
-        self.masks = None if masks is None else torch.cat(list(masks), 1)  # (K, all channels), group after group
+        """The model's output, slice k of the batch under mask k of `masks` (one (K, width) tensor per group)."""
+        if masks is None:
+            return self.model(x)
+        self.masks = torch.cat([*masks, torch.ones_like(masks[0][:, :1])], 1)  # (K, all channels + 1)
+        columns = self.on_device.setdefault(x.device, {m: c.to(x.device) for m, c in self.columns.items()})
+        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        hooks = [m.register_forward_hook(self.per_slice_bn) for m in bns]  # first: the masks zero what BN computes
+        hooks += [m.register_forward_hook(functools.partial(self.mask, column=c)) for m, c in columns.items()]
         try:
             return self.model(x)
         finally:
+            for h in hooks:
+                h.remove()
             self.masks = None
 
-    # --- 3. compaction ---
+    def mask(self, module, inputs, output, column):
+        """As crl_prune.Unit does: slice k of the batch keeps the channels of mask k."""
+        m = self.masks[:, column].to(output.dtype)  # (K, channels)
+        shape = (len(m), 1, -1, *[1] * (output.dim() - 2))
+        return (output.view(len(m), -1, *output.shape[1:]) * m.view(shape)).flatten(0, 1)
+
+    def per_slice_bn(self, bn, inputs, output):
+        """In training with K > 1 masks: each slice normalised with its own statistics (the running ones were
+        updated over the whole batch; nothing reads them before the compact network's are measured afresh)."""
+        if len(self.masks) < 2 or not bn.training:
+            return output
+        return crl.batch_norm_per_slice(bn, inputs[0], len(self.masks), update=False).to(output.dtype)
+
+    def copy_with_graph(self):
+        """A copy of the model, its dependency graph and its modules by name."""
+        small = copy.deepcopy(self.model)
+        return small, graph_of(small, example_for(small, self.input_shape)), dict(small.named_modules())
+
     def compact(self, masks):
-        """A copy of the traced model with the channels where `masks` (one 0/1 vector per group) is 0 removed by
+        """A copy of the model with the channels where `masks` (one 0/1 vector per group) is 0 removed by
         Torch-Pruning. In eval mode it computes what this network computes under those masks."""
-        small = self.plain_copy()
-        graph = tp.DependencyGraph().build_dependency(small, example_inputs=torch.zeros(
-            1, *self.input_shape, device=next(small.parameters()).device), verbose=False)
-        modules = dict(small.named_modules())
-        for name, m in zip(self.groups, masks):
+        small, graph, modules = self.copy_with_graph()
+        for name, m in zip(self.names, masks):
             drop = (m == 0).nonzero().flatten().tolist()
             if drop:
-                root = modules[name]
-                fn = graph.get_pruner_of_module(root).prune_out_channels
-                graph.get_pruning_group(root, fn, drop).prune()
+                remove_channels(graph, modules[name], drop)
         return small
 
     def shrink(self, widths):
-        """The traced model cut to `widths` channels per group (the first ones)."""
+        """The model cut to `widths` channels per group (the first ones)."""
         return self.compact([torch.arange(w) < k for w, k in zip(self.widths, widths)])
 
 
@@ -163,21 +165,16 @@ def forms(traced):
     with Torch-Pruning), times the channels removed. A tensor has at most two such dims (a weight's output and input
     channels), so parameters and MACs (weight elements x output positions) are quadratic, as in
     crl_prune.make_costs; activations (output channels x positions of every conv and linear layer) are linear.
-    Checked once against a compacted network."""
+    Checked once against a compacted network: its counts, and its outputs against the masked network's."""
     g = len(traced.widths)
-    positions = {traced.graph_modules[m]: n for m, n in crl.output_positions(traced.model, traced.input_shape).items()}
-    probe = traced.plain_copy()
-    graph = tp.DependencyGraph().build_dependency(probe, example_inputs=torch.zeros(
-        1, *traced.input_shape, device=next(probe.parameters()).device), verbose=False)
-    modules = dict(probe.named_modules())
+    positions = {traced.layer_names[m]: n for m, n in crl.output_positions(traced.model, traced.input_shape).items()}
+    probe, graph, modules = traced.copy_with_graph()
     shapes = [{n: torch.tensor(p.shape) for n, p in probe.named_parameters()}]
-    for name in traced.groups:
-        root = modules[name]
-        graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, [0]).prune()
+    for name in traced.names:
+        remove_channels(graph, modules[name], [0])
         shapes.append({n: torch.tensor(p.shape) for n, p in probe.named_parameters()})
     m = {name: torch.zeros(g + 1, g + 1, dtype=torch.float64) for name in (*crl.COSTS, 'activations')}
-    dense = torch.tensor(traced.widths)
-    e0 = torch.eye(g + 1, dtype=torch.float64)[0]
+    dense, e0 = torch.tensor(traced.widths), torch.eye(g + 1, dtype=torch.float64)[0]
     for name, shape in shapes[0].items():
         per_channel = torch.stack([before[name] - after[name] for before, after in zip(shapes, shapes[1:])], 1)
         affine = torch.cat([(shape - per_channel @ dense)[:, None], per_channel], 1).double()  # size = affine . w'
@@ -191,56 +188,53 @@ def forms(traced):
         if name.endswith('.weight') and layer in positions:
             m['macs'] += outer * positions[layer]
             m['activations'] += torch.outer(e0, affine[0]) * positions[layer]
-    probe_masks = [torch.arange(w) % 2 == 0 for w in traced.widths]
-    kept = torch.stack([p.sum() for p in probe_masks])
-    counted = crl.count(traced.compact(probe_masks), traced.input_shape)
-    if counted != tuple(evaluate(kept, m[n]).item() for n in crl.COSTS):
-        raise crl.CRLError(f"a compacted {type(traced.model).__name__} counts {counted}, not what its groups predict "
-                           f"(grouped convolutions?); it cannot be pruned by width here")
+    check(traced, m)
     return m
 
 
-def evaluate(widths, m):
-    """w'^T M w' for (..., groups) widths."""
-    w = torch.cat([torch.ones_like(widths[..., :1]), widths], -1).to(m)
-    return torch.einsum('...i,ij,...j->...', w, m, w)
+@torch.no_grad()
+def check(traced, m):
+    """The network compacted to every other channel has the counts the forms predict, and computes in eval mode what
+    the masked network does; else the network cannot be pruned by width here (grouped convolutions, say)."""
+    masks = [torch.arange(w) % 2 == 0 for w in traced.widths]
+    small = traced.compact(masks)
+    counted = crl.count(small, traced.input_shape)
+    predicted = tuple(crl.quadratic(torch.stack([k.sum() for k in masks]), m[n]).item() for n in crl.COSTS)
+    x = torch.randn(2, *traced.input_shape, device=next(small.parameters()).device)
+    modes = {mod: mod.training for mod in traced.model.modules()}
+    try:
+        masked = traced.eval()(x, [k[None].float().to(x.device) for k in masks])
+        same = torch.allclose(small.eval()(x), masked, rtol=1e-3, atol=1e-4 * max(masked.abs().max().item(), 1))
+    finally:
+        for mod, mode in modes.items():
+            mod.training = mode
+    if counted != predicted or not same:
+        raise crl.CRLError(f"a compacted {type(traced.model).__name__} "
+                           f"{'counts ' + str(counted) if counted != predicted else 'computes other outputs'} than its "
+                           f"groups predict (grouped convolutions?); it cannot be pruned by width here")
 
 
-def fraction(m, dense):
-    """C(widths) -> the count of `m` as a fraction of the dense network's."""
-    total, on = evaluate(torch.tensor(dense), m).item(), {}
-    return lambda widths: evaluate(widths, on.setdefault(widths.device, m.to(widths.device))) / total
-
-
-def make_costs(traced, names=crl.COSTS):
+def make_costs(traced, names=crl.COSTS, m=None):
     """{name: C(widths) -> fraction of the dense network} for 'params' and 'macs', exact (`forms`)."""
-    m = forms(traced)
-    return {name: fraction(m[name], traced.widths) for name in names}
+    m = m or forms(traced)
+    return {name: crl.fraction_of(m[name], traced.widths) for name in names}
 
 
-class FittedLatency:
-    """The latency cost of a traced network: predicted latency a * MACs + c * activations + b (ms; MACs and
-    activations exact functions of the widths), fit by least squares to whole networks timed on the target device,
-    over the dense network's prediction. A fit with a negative coefficient or R^2 under 0.5 is reported as
-    degenerate and replaced by MACs alone. crl_prune.Latency's interface: the final mask is found by timing."""
+class FittedLatency(crl.LatencyCost):
+    """The latency cost of a traced network: predicted latency a * GMACs + c * M activations + b (ms), MACs and
+    activations exact functions of the widths, fit to whole networks timed on the target device (crl_prune.calibrate;
+    a degenerate fit is replaced by MACs alone). The final mask under a latency budget is found by timing."""
 
-    def __init__(self, table, numerics, forms):
-        self.table, self.numerics, self.forms, self.dense_ms = table, numerics, forms, table['dense_ms']
-        self.dense_predicted_ms = self.predict_ms(torch.tensor([table['meta']['widths']])).item()
+    def __init__(self, table, numerics, m):
+        self.m = m
+        super().__init__(table, numerics)
 
     def predict_ms(self, widths):
-        a, c, b = self.table['coef']
-        return a * evaluate(widths, self.forms['macs'].to(widths.device)) / 1e9 + c * evaluate(
-            widths, self.forms['activations'].to(widths.device)) / 1e6 + b
-
-    def __call__(self, widths):
-        return self.predict_ms(widths) / self.dense_predicted_ms
-
-    def measure_ms(self, *models, rounds=3):
-        return crl.Latency.measure_ms(self, *models, rounds=rounds)
+        return sum(c * crl.quadratic(widths, self.m[n].to(widths.device)) / s for c, (n, s) in zip(
+            self.table['coef'], (('macs', 1e9), ('activations', 1e6)))) + self.table['coef'][2]
 
 
-# --- 4. The network crl_prune's command line prunes -----------------------------------------------------------------
+# --- 3. The network crl_prune's command line prunes ------------------------------------------------------------------
 
 def build(arch, classes, input_shape):
     """torchvision:NAME as torchvision builds it, randomly initialised, for `classes` classes. A ResNet, whose 7x7
@@ -261,13 +255,15 @@ class TracedNetwork:
     def __init__(self, arch, classes, input_shape, model=None, ignored=()):
         self.arch, self.classes, self.input_shape = arch, classes, tuple(input_shape)
         self.plain = build(arch, classes, input_shape) if model is None else model
-        self.model = Traced(self.plain, torch.zeros(1, *self.input_shape), ignored)
-        self.widths, self.names = self.model.widths, self.model.group_names
-        self.forms = None
+        self.model = Traced(self.plain, example_for(self.plain, input_shape), ignored)
+        self.widths, self.names = self.model.widths, self.model.names
+
+    @functools.cached_property
+    def forms(self):
+        return forms(self.model)
 
     def costs(self, names):
-        self.forms = self.forms or forms(self.model)
-        return {name: fraction(self.forms[name], self.widths) for name in names}
+        return make_costs(self.model, names, self.forms)
 
     def compact(self, masks):
         return self.model.compact(masks)
@@ -284,69 +280,35 @@ class TracedNetwork:
         return small
 
     def latency_table(self, numerics, batch):
-        """Whole networks at eight widths (the dense one, uniformly thinned ones, random ones) timed in turns, and
-        the fit of `FittedLatency` to them."""
-        self.forms = self.forms or forms(self.model)
-        dense = torch.tensor(self.widths)
-        keep = torch.cat([torch.tensor([[1.0], [0.6], [0.3], [0.1]]).expand(4, len(dense)),
-                          torch.rand(4, len(dense), generator=torch.Generator().manual_seed(0)) * 0.9 + 0.1])
-        widths = (dense * keep).round().clamp(min=1).long()
+        """Whole networks at `crl_prune.calibration_widths` timed in turns, and the fit of `FittedLatency`."""
+        widths = crl.calibration_widths(self.widths)
         nets = [numerics.place(self.shrink(w.tolist()).eval()) for w in widths]
-        measured = torch.tensor(crl.time_in_turns(nets, numerics.random_input(batch, self.input_shape), numerics,
-                                                  rounds=2, repeats=5)[0], dtype=torch.float64)
-        x = torch.stack([evaluate(widths, self.forms['macs']) / 1e9, evaluate(widths, self.forms['activations']) / 1e6,
-                         torch.ones(len(widths), dtype=torch.float64)], 1)
-        coef = torch.linalg.lstsq(x, measured[:, None]).solution.flatten()
-        r2 = 1 - ((measured - x @ coef) ** 2).sum() / ((measured - measured.mean()) ** 2).sum().clamp(min=1e-12)
-        fit = {'coef': coef.tolist(), 'r2': r2.item(), 'degenerate': bool((coef[:2] < 0).any() or r2 < 0.5)}
-        if fit['degenerate']:
-            fit['note'] = (f"the fit of whole-network timings was degenerate (coefficients {fit['coef']}, R^2="
-                           f"{fit['r2']:.2f}); MACs alone predict latency")
-        return {'coef': [1.0, 0.0, 0.0] if fit['degenerate'] else fit['coef'], 'fit': fit,
-                'dense_ms': measured[0].item(), 'units': []}
+        features = torch.stack([crl.quadratic(widths, self.forms['macs']) / 1e9,
+                                crl.quadratic(widths, self.forms['activations']) / 1e6,
+                                torch.ones(len(widths), dtype=torch.float64)], 1)
+        return crl.calibrate(nets, features, numerics.random_input(batch, self.input_shape), numerics)
 
     def latency(self, table, numerics):
-        self.forms = self.forms or forms(self.model)
         return FittedLatency(table, numerics, self.forms)
 
 
-# --- 5. prune_network: the library call -------------------------------------------------------------------------------
+# --- 4. prune_network: the library call -------------------------------------------------------------------------------
 
-def prune_network(model, batches, budget, *, example=None, ignored=(), costs=None, prune_epochs=10, prune_lr=0.02,
-                  finetune_epochs=10, lr=0.1, finetune_batches=None, multiple=1, bf16=False, callback=None,
-                  **options):
+def prune_network(model, batches, budget, *, example=None, ignored=(), costs=None, **options):
     """crl_prune.prune_network for an unmodified network: `model` is traced at `example` (default: the first image
-    of `batches`); `ignored`: layers whose output channels must stay (the classifier's always do). The other
-    arguments are crl_prune.prune_network's. Returns the compact network, a copy of `model` with channels removed."""
-    example = next(iter(batches))[0][:1] if example is None else example
-    traced = Traced(model, example, ignored)
-    try:
-        costs = {**make_costs(traced, [n for n in budget if n in crl.COSTS]), **(costs or {})}
-        costs, fractions = crl.checked_budget(budget, costs, traced.widths, multiple)
-        policy = crl.Policy(traced.widths, options.pop('init_keep', 0.9))
-        policy, _ = crl.prune(traced, costs, fractions, batches, prune_epochs, lr=prune_lr, policy=policy, bf16=bf16,
-                              callback=callback, **options)
-        small = traced.compact(policy.split(crl.final_mask(policy, costs, fractions, multiple)))
-    finally:
-        traced.remove()
-    crl.recalibrate_bn(small, batches, bf16=bf16)
-    return crl.train(small, finetune_batches or batches, finetune_epochs, lr, bf16=bf16, phase='finetune',
-                     callback=callback)
+    of `batches`); `ignored`: layers whose output channels must stay (the classifier's always do); the other
+    arguments are crl_prune.prune_network's. Returns the compact network, a copy of `model` with channels removed
+    (`model` keeps its shape, not its weights: they trained while pruning)."""
+    traced = Traced(model, next(iter(batches))[0][:1] if example is None else example, ignored)
+    costs = {**make_costs(traced, [n for n in budget if n in crl.COSTS]), **(costs or {})}
+    return crl.prune_network(traced, batches, budget, costs=costs, widths=traced.widths, compact_of=traced.compact,
+                             **options)
 
 
 def save_pruned(small, path, model, input_shape=(3, 32, 32), **info):
     """crl_prune.save_pruned for a network `prune_network` returned: `model` is the dense network it came from (its
-    groups name the kept widths). info: mean, std, classes, ... as crl_prune.save_pruned takes them."""
-    traced = Traced(model, torch.zeros(1, *input_shape, device=next(model.parameters()).device))
-    traced.remove()
-    widths = [small.get_submodule(name).weight.shape[0] for name in traced.groups]  # a group's root layer
-    crl.save_pruned(small, path, input_shape=input_shape, widths=widths, group_names=traced.group_names, **info)
-
-
-def load_pruned(path, model, device='cpu'):
-    """A network saved by crl_prune.save_pruned from a traced network, into `model`, an instance of its dense form
-    (any weights): cut to the saved widths, then the saved weights loaded. Returns it in eval mode, and its info."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    net = TracedNetwork(None, None, ckpt['input_shape'], model=model.to(device)).shrink(ckpt['widths'])
-    net.load_state_dict(ckpt['state_dict'])
-    return net.eval(), {k: v for k, v in ckpt.items() if k != 'state_dict'}
+    groups name the kept widths); info: mean, std, classes, ... as crl_prune.save_pruned takes them. Load it with
+    crl_prune.load_pruned(path, model=<the dense network>)."""
+    traced = Traced(model, example_for(model, input_shape))
+    widths = [small.get_submodule(name).weight.shape[0] for name in traced.names]  # a group's root layer
+    crl.save_pruned(small, path, input_shape=input_shape, widths=widths, group_names=traced.names, **info)

@@ -18,6 +18,8 @@ of D epochs unless it says "from scratch"):
   slimming          Network Slimming (Liu et al. 2017): L1 penalty on the BN scales (--slim-reg 1e-4, the paper's
                     value for VGG) for P epochs, then global pruning by |BN scale| (BNScalePruner, no normalisation)
                     to the budget, then F fine-tuning epochs
+  tp-magnitude      Torch-Pruning's MagnitudePruner (L2 group importance, its default 'mean' normaliser, the same
+                    ratio in every layer), one shot to the budget, then P + F fine-tuning epochs
   l1-global         L1 norm of filters (Li et al. 2017), ranked across layers       \
   l1-uniform        L1 norm of filters, the same ratio in every layer                 | Torch-Pruning MetaPruner,
   bn-global         BN scaling factors, ranked across layers (normaliser 'mean')      | no sparsity learning,
@@ -45,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import crl_prune as crl  # noqa: E402
 
 METHODS = ['crl', 'scratch', 'uniform-scratch', 'crl-widths-l1', 'crl-widths-random', 'tp-group-reg', 'slimming',
-           'l1-global', 'l1-uniform', 'bn-global', 'bn-uniform', 'random-uniform']
+           'tp-magnitude', 'l1-global', 'l1-uniform', 'bn-global', 'bn-uniform', 'random-uniform']
 FROM_CRL = ['scratch', 'crl-widths-l1', 'crl-widths-random']  # rows that take the widths of the CRL row
 
 
@@ -83,9 +85,10 @@ def channel_masks(model, widths, how, seed):
     return [torch.zeros(len(s)).index_fill_(0, s.topk(k).indices, 1).to(device) for s, k in zip(scores, widths)]
 
 
-def kept_widths(model):
-    """Channels of every group, read off the layers (Torch-Pruning shrinks them in place)."""
-    return crl.group_widths(model)
+def kept_widths(model, groups=None):
+    """Channels of every group, read off the layers (Torch-Pruning shrinks them in place): a network of Units, or
+    one whose groups are named by their root layers (`groups`, crl_tp's)."""
+    return crl.group_widths(model) if groups is None else [len(model.get_submodule(n).weight) for n in groups]
 
 
 def pruner(model, method, reg, steps):
@@ -101,6 +104,9 @@ def pruner(model, method, reg, steps):
     if method == 'slimming':
         imp = tp.importance.BNScaleImportance(normalizer=None)  # one global threshold on |BN scale|
         return tp.pruner.BNScalePruner(model, example, importance=imp, reg=reg, global_pruning=True, **kw)
+    if method == 'tp-magnitude':  # Torch-Pruning's MagnitudePruner as its README uses it: L2 group importance
+        imp = tp.importance.GroupMagnitudeImportance(p=2)       # (mean over the group), the same ratio in every layer
+        return tp.pruner.MagnitudePruner(model, example, importance=imp, global_pruning=False, **kw)
     kind = method.split('-')[0]
     imp = {'l1': lambda: tp.importance.MagnitudeImportance(p=1, group_reduction='first'),  # Li et al.: filter L1
            'bn': tp.importance.BNScaleImportance, 'random': tp.importance.RandomImportance}[kind]()
@@ -251,7 +257,8 @@ def main(argv=None):
     data = crl.load_data(targs, crl.Numerics(device, targs.bf16, targs.channels_last))
     ckpt = torch.load(dense_path, map_location='cpu', weights_only=True)
     data.update({k: torch.tensor(ckpt[k]) for k in ('mean', 'std') if k in ckpt})  # its inputs, as CRL's rows see them
-    dense_model, _ = crl.load_pruned(dense_path, device=device)
+    dense_model, dense_info = crl.load_pruned(dense_path, device=device)
+    names = dense_info['group_names']
     dp, dm = crl.count(dense_model)
     dense = {'params': dp, 'macs': dm, 'accuracy': crl.evaluate(dense_model, data)}
     print(f"dense checkpoint {dense_path}: {dense}", flush=True)
@@ -295,7 +302,7 @@ def main(argv=None):
                     params, macs = crl.count(model)
                     acc = crl.evaluate(model, data)
                     extra = {'accuracy_before_finetune': before,
-                             'channels': dict(zip(dense_model.group_names, kept_widths(model))),
+                             'channels': dict(zip(names, kept_widths(model, None if crl.units(model) else names))),
                              'epochs': epochs(method, args.dense_epochs, args.prune_epochs, args.finetune_epochs)}
                 row = {'budget': budget, 'method': label(method), 'seed': seed, 'params': params, 'macs': macs,
                        'params_fraction': params / dp, 'macs_fraction': macs / dm, 'accuracy': acc,

@@ -32,9 +32,10 @@ def main():
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args()
     numerics = crl.Numerics(torch.device(args.device), args.bf16, args.channels_last)
-    model = crl.build(args.arch, crl.dense_widths(args.arch, args.width), 10)
+    net = crl.Network(args.arch, args.width, 10)
+    model = net.model
     t0 = time.time()
-    table = crl.build_latency_table(model, numerics, args.batch)
+    table = crl.latency_table(net, numerics, args.batch)
     build_s = time.time() - t0
     cost = crl.Latency(table, numerics)
     g = torch.Generator().manual_seed(args.seed)
@@ -44,7 +45,7 @@ def main():
           f"channels_last {numerics.channels_last}, torch {torch.__version__}")
     fit = table['fit']
     print(f"table: {len(table['units'])} units, built in {build_s:.1f} s; dense {table['dense_ms']:.3f} ms measured, "
-          f"fit a {fit['a']:.3f}, b {fit['b']:.3f} ms, R^2 {fit['r2']:.3f}"
+          f"fit a {fit['coef'][0]:.3f}, b {fit['coef'][1]:.3f} ms, R^2 {fit['r2']:.3f}"
           + (f" (degenerate: {fit['note']})" if fit['degenerate'] else '') + "\n")
     print('| predicted ms | measured ms | relative error | widths |')
     print('|---|---|---|---|')
@@ -54,8 +55,8 @@ def main():
         predicted = cost.predict_ms(widths[None]).item()
         (measured,), _ = cost.measure_ms(crl.shrink(model, widths.tolist()))
         errors.append((predicted - measured) / measured)
-        print(f"| {predicted:.3f} | {measured:.3f} | {100 * errors[-1]:+.1f}% | {' '.join(map(str, widths.tolist()))} |",
-              flush=True)
+        print(f"| {predicted:.3f} | {measured:.3f} | {100 * errors[-1]:+.1f}% | "
+              f"{' '.join(map(str, widths.tolist()))} |", flush=True)
     abs_err = [abs(e) for e in errors]
     print(f"\nmedian |relative error| {100 * statistics.median(abs_err):.1f}%, worst {100 * max(abs_err):.1f}%, "
           f"mean signed {100 * statistics.mean(errors):+.1f}% over {len(errors)} width vectors")

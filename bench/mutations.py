@@ -1,5 +1,6 @@
-"""Does the test suite notice when the method is mis-wired? Applies each mutation below to crl_prune.py in turn, runs
-the suite (stopping at its first failure), prints which test caught it, and restores the file.
+"""Does the test suite notice when the method is mis-wired? Applies each mutation below to crl_prune.py (or, where
+the entry names it, crl_tp.py) in turn, runs the suite (stopping at its first failure), prints which test caught it,
+and restores the file.
 
     python bench/mutations.py                 # all mutations, a few minutes on 2 cores
     python bench/mutations.py sign            # those whose name contains 'sign'
@@ -12,14 +13,13 @@ import sys
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 os.chdir(HERE)
-orig = open('crl_prune.py').read()
-M = [  # name, text in crl_prune.py, what replaces it
+M = [  # name, text in crl_prune.py, what replaces it (and the file, if not crl_prune.py)
  ('reward sign flipped', 'reinforce_loss(policy, masks, -ce.detach()', 'reinforce_loss(policy, masks, ce.detach()'),
  ('images paired wrongly', 'model(torch.cat([x] * samples), policy.split(masks))', 'model(x.repeat_interleave(samples, 0), policy.split(masks))'),
  ('policy optimiser never stepped', '    opt_w.step()\n    opt_p.step()\n', '    opt_w.step()\n'),
  ('weights not trained while pruning', '    opt_w.step()\n    opt_p.step()\n', '    opt_p.step()\n'),
  ('dual step never applied', '    integral.copy_(new_integral)\n    lam.copy_(new_lam)\n', ''),
- ('recalibrate_bn no-op', "    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]\n    for m in bns:\n        m.reset_running_stats()", "    return\n    bns = []\n    for m in bns:\n        m.reset_running_stats()"),
+ ('recalibrate_bn no-op', "    for m in bns:\n        m.reset_running_stats()\n        m.momentum = None", "    for m in []:\n        m.reset_running_stats()\n        m.momentum = None"),
  ('no recalibration at the end of training', '        if epoch == epochs:  # before the epoch', '        if False:  # before the epoch'),
  ('normalisation removed', 'xb = (x[idx].float() / 255 - mean) / std', 'xb = x[idx].float() / 255'),
  ('evaluate in train mode', '    model.eval()\n    correct', '    model.train()\n    correct'),
@@ -33,8 +33,8 @@ M = [  # name, text in crl_prune.py, what replaces it
  ('depthwise weight sliced on its input dim', "pairs = [(0, self.out)] + ([] if self.depthwise else [(1, self.inp)])", "pairs = [(0, self.out), (1, self.inp)]"),
  ('costs ignore parameters outside Units', "    matrices['params'][0, 0] += sum(p.numel() for p in model.parameters() if id(p) not in seen)\n", ''),
  ('fold_bn forgets the mean', "bias = (0 if layer.bias is None else layer.bias) - bn.running_mean", "bias = (0 if layer.bias is None else layer.bias) - 0 * bn.running_mean"),
- ('latency search never grows', "        i = lo + step if hi == len(candidates) else hi - step if lo == -1 else (lo + hi) // 2", "        i = hi - step if lo == -1 else (lo + hi) // 2"),
- ('degenerate fit kept', "'degenerate': bool(a <= 0 or r2 < 0.5)}", "'degenerate': False}"),
+ ('latency search never grows', "        lo, hi = (i, hi) if measure(i) else (lo, i)", "        lo, hi = (i, i + 1) if measure(i) else (lo, i)"),
+ ('degenerate fit kept', "'degenerate': bool(r2 < 0.5 or (predicted <= 0).any() or predicted[0] <= predicted[3])}", "'degenerate': False}"),
  ('scattered timings not taken again', "        if max(s for _, s in best) <= scatter:", "        if True:"),
  ('resume forgets the random streams', "        torch.set_rng_state(self.state['rng']['cpu'])", "        pass"),
  ('resume forgets the optimisers', "obj.copy_(saved) if isinstance(obj, torch.Tensor) else obj.load_state_dict(saved)",
@@ -46,17 +46,30 @@ M = [  # name, text in crl_prune.py, what replaces it
  ('overwrite leaves old exports', "map(self.path, ('results.json', 'checkpoint.pt', *EXPORTS))", "map(self.path, ('results.json', 'checkpoint.pt'))"),
  ('checkpoint written in place', "        torch.save(obj, path + '.tmp')\n    os.replace(path + '.tmp', path)", "        torch.save(obj, path)\n        return\n    os.replace(path + '.tmp', path)"),
  ('pretrained width ignored', "    args.width = saved.get('width', 1.0) if args.width is None else args.width", "    args.width = 1.0 if args.width is None else args.width"),
+ ('latency prediction reads widths transposed', "self.flat[offsets + w[..., rows] * strides + w[..., cols]]", "self.flat[offsets + w[..., cols] * strides + w[..., rows]]"),
+ ('latency choice not timed again', "    while lo > 0 and not measure(lo, rounds=5):", "    while False:"),
+ ('time_forward takes the fastest call', "    median = times[repeats // 2]", "    median = times[0]"),
+ ('running variance biased', "var.mean(0).flatten() * n / max(n - 1, 1)", "var.mean(0).flatten()"),
+ ('traced BN statistics shared across masks', "        if len(self.masks) < 2 or not bn.training:", "        if True:", 'crl_tp.py'),
+ ('traced masks on the wrong channels', "column[torch.tensor(item.idxs)] = offset + torch.tensor(item.root_idxs)", "column[torch.tensor(item.idxs)] = offset + torch.tensor(item.root_idxs).flip(0)", 'crl_tp.py'),
+ ('traced hooks left on the model', "            for h in hooks:\n                h.remove()\n            self.masks = None", "            self.masks = None", 'crl_tp.py'),
+ ('traced costs ignore the input channels', "        a, b = (list(affine[varying]) + [e0, e0])[:2]", "        a, b = (list(affine[varying][:1]) + [e0, e0])[:2]", 'crl_tp.py'),
 ]
 only = sys.argv[1:]
+originals = {f: open(f).read() for f in ('crl_prune.py', 'crl_tp.py')}
 try:
-    for name, a, b in M:
+    for name, a, b, *where in M:
         if only and not any(o in name for o in only):
             continue
-        assert orig.count(a) == 1, f"mutation {name!r} no longer matches crl_prune.py: update it"
-        open('crl_prune.py', 'w').write(orig.replace(a, b))
+        path = where[0] if where else 'crl_prune.py'
+        assert originals[path].count(a) == 1, f"mutation {name!r} no longer matches {path}: update it"
+        open(path, 'w').write(originals[path].replace(a, b))
         r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider'],
                            capture_output=True, text=True)
-        failed = [line.split('::')[1].split(' ')[0] for line in r.stdout.splitlines() if line.startswith('FAILED')]
-        print(f"{name:40} {'CAUGHT by ' + ', '.join(failed) if r.returncode else 'NOT CAUGHT'}", flush=True)
+        open(path, 'w').write(originals[path])
+        failed = [line.split('::')[1].split(' ')[0] for line in r.stdout.splitlines()
+                  if line.startswith(('FAILED', 'ERROR'))]
+        print(f"{name:45} {'CAUGHT by ' + ', '.join(failed) if r.returncode else 'NOT CAUGHT'}", flush=True)
 finally:
-    open('crl_prune.py', 'w').write(orig)
+    for path, text in originals.items():
+        open(path, 'w').write(text)

@@ -57,13 +57,13 @@ def dense_model(arch, args, numerics):
     return numerics.place(crl.build(arch, crl.dense_widths(arch, args.width), 10))
 
 
-def compact_widths(model, budget, multiple=1):
+def compact_widths(model, budget):
     """The widths final_mask keeps at `budget` (params=F or macs=F) from a random policy."""
     name, _, value = budget.partition('=')
     costs = crl.make_costs(model, [name])
     policy = crl.Policy(crl.group_widths(model))
     policy.theta.data = torch.randn(len(policy.theta), generator=torch.Generator().manual_seed(0))
-    mask = crl.final_mask(policy, costs, torch.tensor([float(value)], dtype=torch.float64), multiple)
+    mask = crl.final_mask(policy, costs, torch.tensor([float(value)], dtype=torch.float64))
     return policy.kept(mask[None])[0].tolist()
 
 
@@ -183,8 +183,8 @@ def main():
             x = numerics.random_input(batch, (3, 32, 32))
             first = {}
             for multiple in args.multiples:
-                rounded = [min(d, max(multiple, round(w / multiple) * multiple)) for w, d in zip(widths, dense)]
-                small = crl.shrink(model, rounded)
+                nearest = [min(d, max(multiple, round(w / multiple) * multiple)) for w, d in zip(widths, dense)]
+                small = crl.shrink(model, nearest)
                 macs = crl.count(small)[1]
                 for mode in args.multiple_modes.split(','):
                     net = crl.runner(small, mode, numerics, (3, 32, 32))
