@@ -55,6 +55,14 @@ def remove_channels(graph, root, idxs):
     graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs).prune()
 
 
+def channel_dim(module, output, channels):
+    """Where `module` puts its `channels` output channels: last for a linear layer (on (N, ..., C) tensors, as in a
+    ConvNeXt block), else dim 1 where they fit there, else last (a LayerNorm over channels-last tensors)."""
+    if isinstance(module, nn.Linear) or output.shape[1] != channels:
+        return output.dim() - 1
+    return 1
+
+
 @torch.no_grad()
 def outputs_of(model, example):
     """{module: its output} of one eval-mode forward pass, and the network's output."""
@@ -85,7 +93,7 @@ class Traced(nn.Module):
         layers = [m for m in outputs if isinstance(m, LAYERS)]  # in the order they ran
         output_layer = [m for m in layers if outputs[m] is out] or layers[-1:]
         layer_names = {m: n for n, m in model.named_modules()}
-        self.names, self.widths, self.skipped, columns = [], [], {}, {}
+        self.names, self.widths, self.skipped, columns, dims = [], [], {}, {}, {}
         for group in graph.get_all_groups(ignored_layers=[*output_layer, *ignored], root_module_types=LAYERS):
             root, width = group[0].dep.target.module, len(group[0].idxs)
             partial = [layer_names.get(i.dep.target.module, '?') for i in group
@@ -99,13 +107,15 @@ class Traced(nn.Module):
             for item in group:  # a layer's output channel idxs[i] is the group's channel root_idxs[i]
                 module = item.dep.target.module
                 if graph.is_out_channel_pruning_fn(item.dep.handler) and module in layer_names:
-                    column = columns.setdefault(module, torch.full((outputs[module].shape[1],), -1))
+                    channels = graph.get_out_channels(module)
+                    dims[module] = channel_dim(module, outputs[module], channels)
+                    column = columns.setdefault(module, torch.full((channels,), -1))
                     column[torch.tensor(item.idxs)] = offset + torch.tensor(item.root_idxs)
         if not self.names:
             raise crl.CRLError(f"Torch-Pruning finds no prunable channel group in {type(model).__name__}")
         for column in columns.values():  # channels of no group read the last column of the masks: a column of ones
             column[column < 0] = sum(self.widths)
-        self.columns, self.layer_names, self.on_device = columns, layer_names, {}
+        self.columns, self.dims, self.layer_names, self.on_device = columns, dims, layer_names, {}
 
     def forward(self, x, masks=None):
         """The model's output, slice k of the batch under mask k of `masks` (one (K, width) tensor per group)."""
@@ -115,7 +125,8 @@ class Traced(nn.Module):
         columns = self.on_device.setdefault(x.device, {m: c.to(x.device) for m, c in self.columns.items()})
         bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         hooks = [m.register_forward_hook(self.per_slice_bn) for m in bns]  # first: the masks zero what BN computes
-        hooks += [m.register_forward_hook(functools.partial(self.mask, column=c)) for m, c in columns.items()]
+        hooks += [m.register_forward_hook(functools.partial(self.mask, column=c, dim=self.dims[m]))
+                  for m, c in columns.items()]
         try:
             return self.model(x)
         finally:
@@ -123,10 +134,11 @@ class Traced(nn.Module):
                 h.remove()
             self.masks = None
 
-    def mask(self, module, inputs, output, column):
-        """As crl_prune.Unit does: slice k of the batch keeps the channels of mask k."""
+    def mask(self, module, inputs, output, column, dim):
+        """As crl_prune.Unit does: slice k of the batch keeps the channels of mask k (on dim `dim` of the output)."""
         m = self.masks[:, column].to(output.dtype)  # (K, channels)
-        shape = (len(m), 1, -1, *[1] * (output.dim() - 2))
+        shape = [len(m), 1] + [1] * (output.dim() - 1)
+        shape[1 + dim] = -1
         return (output.view(len(m), -1, *output.shape[1:]) * m.view(shape)).flatten(0, 1)
 
     def per_slice_bn(self, bn, inputs, output):
@@ -209,9 +221,10 @@ def check(traced, m):
         for mod, mode in modes.items():
             mod.training = mode
     if counted != predicted or not same:
-        raise crl.CRLError(f"a compacted {type(traced.model).__name__} "
-                           f"{'counts ' + str(counted) if counted != predicted else 'computes other outputs'} than its "
-                           f"groups predict (grouped convolutions?); it cannot be pruned by width here")
+        what = f"counts {counted}, not {predicted}," if counted != predicted else "computes other outputs than"
+        raise crl.CRLError(f"a compacted {type(traced.model).__name__} {what} what its groups predict (grouped "
+                           f"convolutions, or a normalisation across channels such as LayerNorm?); it cannot be "
+                           f"pruned by width here")
 
 
 def make_costs(traced, names=crl.COSTS, m=None):
@@ -255,12 +268,24 @@ class TracedNetwork:
     def __init__(self, arch, classes, input_shape, model=None, ignored=()):
         self.arch, self.classes, self.input_shape = arch, classes, tuple(input_shape)
         self.plain = build(arch, classes, input_shape) if model is None else model
-        self.model = Traced(self.plain, example_for(self.plain, input_shape), ignored)
+        try:
+            self.model = Traced(self.plain, example_for(self.plain, input_shape), ignored)
+        except crl.CRLError:
+            raise
+        except Exception as e:  # a layer or an operation Torch-Pruning or the masks do not handle
+            raise crl.CRLError(f"{type(self.plain).__name__} cannot be pruned through its traced channel groups "
+                               f"({type(e).__name__}: {crl.first_line(e)})") from None
         self.widths, self.names = self.model.widths, self.model.names
 
     @functools.cached_property
     def forms(self):
-        return forms(self.model)
+        try:
+            return forms(self.model)
+        except crl.CRLError:
+            raise
+        except Exception as e:
+            raise crl.CRLError(f"{type(self.plain).__name__}: its costs cannot be read off its traced groups "
+                               f"({type(e).__name__}: {crl.first_line(e)})") from None
 
     def costs(self, names):
         return make_costs(self.model, names, self.forms)

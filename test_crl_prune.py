@@ -1574,9 +1574,12 @@ def test_traced_torchvision_costs_compaction_and_masks_are_exact(crl_tp, name):
             torch.testing.assert_close(out, small(x), rtol=1e-3, atol=1e-3)
 
 
-def test_traced_network_refuses_what_it_cannot_count(crl_tp):
-    with pytest.raises(crl.CRLError, match='grouped convolutions'):
-        crl_tp.TracedNetwork('torchvision:regnet_x_400mf', 10, (3, 32, 32)).costs(['params'])
+def test_traced_network_refuses_what_it_cannot_count_or_mask(crl_tp):
+    """RegNet's grouped convolutions: counts that do not follow the widths; ConvNeXt's LayerNorm across channels: a
+    masked channel still moves the statistics a removed one would not. Both refused when the costs are built."""
+    for name, message in [('regnet_x_400mf', 'counts'), ('convnext_tiny', 'other outputs')]:
+        with pytest.raises(crl.CRLError, match=message):
+            crl_tp.TracedNetwork(f'torchvision:{name}', 10, (3, 32, 32)).costs(['params'])
 
 
 def test_traced_prune_network_meets_the_budget_and_reloads(crl_tp, tmp_path):
