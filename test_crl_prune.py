@@ -990,6 +990,24 @@ def test_bench_rows_see_the_inputs_of_the_pretrained_checkpoint(tmp_path, tiny, 
     assert [c['mean'] for c in calls] == [[0.25, 0.5, 0.75]]
 
 
+def test_bench_row_that_diverges_is_recorded_and_the_rest_run(tmp_path, tiny, compare, monkeypatch, capsys):
+    """A baseline whose fine-tuning diverges is a row marked `diverged` (the table counts it), not a stopped run."""
+    train = crl.train
+
+    def diverging(model, batches, epochs, lr=0.1, **kw):
+        if kw.get('phase') == 'l1-uniform':
+            raise crl.CRLError('l1-uniform epoch 1 step 1: the loss became nan')
+        return train(model, batches, epochs, lr, **kw)
+    monkeypatch.setattr(crl, 'train', diverging)
+    rows = compare.main(['--data', tiny, *BENCH, '--out', str(tmp_path / 'bench'),
+                         '--methods', 'l1-uniform', 'random-uniform'])
+    assert [(r['method'], 'diverged' in r) for r in rows] == [('l1-uniform', True), ('random-uniform', False)]
+    assert 'nan' in rows[0]['diverged'] and 0 <= rows[0]['accuracy'] <= 1
+    table = {t['method']: t for t in compare.summary(rows)}
+    assert table['l1-uniform']['diverged'] == 1 and table['random-uniform']['diverged'] == 0
+    assert '(1 diverged)' in capsys.readouterr().out
+
+
 def test_bench_channel_choice_and_uniform_widths(compare):
     torch.manual_seed(0)
     model = crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 10)

@@ -28,7 +28,9 @@ of D epochs unless it says "from scratch"):
 The weights' training in every phase uses crl_prune.train (SGD, Nesterov, cosine from --lr, or from --prune-lr for
 the sparsity-learning epochs, as CRL's weights train while pruning), on inputs normalised with the dense checkpoint's
 statistics. Every row records its epochs per phase (`epochs`: dense, sparsity, prune, finetune, scratch) and the
-parameter and MAC fractions it reached, measured on its network. Rows already in OUT/rows.json are not run again.
+parameter and MAC fractions it reached, measured on its network; a row whose fine-tuning diverges (NaN) is recorded
+with the accuracy its network then has and the error (`diverged`), and the table counts such seeds. Rows already in
+OUT/rows.json are not run again.
 With --pretrained, pass the --dense-epochs that checkpoint had, so that the scratch rows get equal training. The CRL
 rows take any budget of crl_prune.py; the rows that prune or size a network themselves (uniform-scratch,
 tp-group-reg, slimming and the Torch-Pruning criteria) need a parameter budget alone: params=FRACTION or
@@ -172,7 +174,11 @@ def baseline(method, crl_widths, dense_path, data, fraction, seed, args, targs):
     model = channels_last(model, data)
     crl.recalibrate_bn(model, crl.Batches(data, 'train', targs.batch_size, train=True))  # as crl_prune does
     before = crl.evaluate(model, data)
-    fit(model, data, e['finetune'], targs.lr, targs, method)
+    try:
+        fit(model, data, e['finetune'], targs.lr, targs, method)
+    except crl.CRLError as error:  # the row's network diverged: recorded as such, the other rows still run
+        print(f"{method}: {error}", flush=True)
+        model.diverged = str(error)
     return model, before, prune_s
 
 
@@ -195,6 +201,7 @@ def summary(rows):
                 continue
             acc = [r['accuracy'] for r in rs]
             table.append({'budget': budget, 'method': method, 'seeds': len(rs),
+                          'diverged': sum('diverged' in r for r in rs),
                           'accuracy_mean': statistics.mean(acc), 'accuracy_std': statistics.pstdev(acc),
                           'params_fraction': statistics.mean(r['params_fraction'] for r in rs),
                           'macs_fraction': statistics.mean(r['macs_fraction'] for r in rs),
@@ -211,7 +218,8 @@ def markdown(table, dense):
         e = t['epochs'] or dict.fromkeys(['dense', 'sparsity', 'prune', 'finetune', 'scratch'], '?')
         lines.append(f"| {t['budget']} | {t['method']} | {e['dense']}+{e['sparsity']}+{e['prune']}+{e['finetune']} | "
                      f"{e['scratch']} | {t['params']:,} ({t['params_fraction']:.3f}) | {t['macs_fraction']:.3f} | "
-                     f"{100 * t['accuracy_mean']:.2f} ± {100 * t['accuracy_std']:.2f} | {t['seeds']} | "
+                     f"{100 * t['accuracy_mean']:.2f} ± {100 * t['accuracy_std']:.2f}"
+                     f"{f' ({d} diverged)' if (d := t.get('diverged')) else ''} | {t['seeds']} | "
                      f"{t['prune_s']:.1f} |")
     return '\n'.join(lines)
 
@@ -229,6 +237,8 @@ def main(argv=None):
     p.add_argument('--prune-epochs', type=int, default=10)
     p.add_argument('--finetune-epochs', type=int, default=20)
     p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('--lr', type=float, help="crl_prune.py's --lr (dense training, fine-tuning, from scratch) for every "
+                   'row (default: its own)')
     p.add_argument('--pretrained', help='dense checkpoint to start from (default: train one into OUT/dense)')
     p.add_argument('--crl-args', default='', help='extra crl_prune.py arguments for the CRL rows')
     p.add_argument('--crl-name', default='crl', help="label of the CRL rows (a variant's, with --crl-args); the "
@@ -241,7 +251,8 @@ def main(argv=None):
     p.add_argument('--out', default='bench/out')
     args = p.parse_args(argv)
     common = ['--arch', args.arch, '--width', str(args.width), '--data', args.data, '--subset', str(args.subset),
-              '--batch-size', str(args.batch_size), '--device', args.device, '--log-every', '1000000']
+              '--batch-size', str(args.batch_size), '--device', args.device, '--log-every', '1000000',
+              *(['--lr', str(args.lr)] if args.lr else [])]
 
     budgeted = [m for m in args.methods if m != 'crl' and m not in FROM_CRL]  # rows that meet the budget themselves
     for budget in args.budgets:  # a bad budget stops here, before any training
@@ -300,10 +311,11 @@ def main(argv=None):
                     widths = list(source['channels'].values()) if method in FROM_CRL else None
                     model, before, prune_s = baseline(method, widths, dense_path, data, fraction, seed, args, targs)
                     params, macs = crl.count(model)
-                    acc = crl.evaluate(model, data)
+                    acc = crl.evaluate(model, data)  # a diverged network's too: what it computes
                     extra = {'accuracy_before_finetune': before,
                              'channels': dict(zip(names, kept_widths(model, None if crl.units(model) else names))),
-                             'epochs': epochs(method, args.dense_epochs, args.prune_epochs, args.finetune_epochs)}
+                             'epochs': epochs(method, args.dense_epochs, args.prune_epochs, args.finetune_epochs),
+                             **({'diverged': model.diverged} if hasattr(model, 'diverged') else {})}
                 row = {'budget': budget, 'method': label(method), 'seed': seed, 'params': params, 'macs': macs,
                        'params_fraction': params / dp, 'macs_fraction': macs / dm, 'accuracy': acc,
                        'prune_s': prune_s, **extra}
