@@ -306,7 +306,12 @@ def quadratic(widths, m):
 def fraction_of(m, dense_widths):
     """The cost C(widths) = count(widths) / count(dense widths) of the quadratic form `m`."""
     total, on = quadratic(torch.tensor(dense_widths), m).item(), {}  # on: a copy of M per device, made once
-    return lambda widths: quadratic(widths, on.setdefault(widths.device, m.to(widths.device))) / total
+
+    def cost(widths):
+        if widths.device not in on:
+            on[widths.device] = m.to(widths.device)
+        return quadratic(widths, on[widths.device]) / total
+    return cost
 
 
 # --- 4. The policy: pi_theta(m) = prod_c Bernoulli(m_c; p_c),  p = sigmoid(theta), one entry per channel -------------
@@ -991,9 +996,9 @@ class Latency(LatencyCost):
         super().__init__(table, numerics)
 
     def predict_ms(self, widths):
-        offsets, rows, cols, strides = (v.to(widths.device) for v in self.index)
+        self.flat, self.index = self.flat.to(widths.device), [v.to(widths.device) for v in self.index]  # moved once
+        offsets, rows, cols, strides = self.index
         w = torch.cat([widths, torch.zeros_like(widths[..., :1])], -1)
-        self.flat = self.flat.to(widths.device)
         a, b = self.table['coef']
         return self.flat[offsets + w[..., rows] * strides + w[..., cols]].sum(-1) * a + b
 

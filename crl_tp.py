@@ -116,15 +116,17 @@ class Traced(nn.Module):
         for column in columns.values():  # channels of no group read the last column of the masks: a column of ones
             column[column < 0] = sum(self.widths)
         self.columns, self.dims, self.layer_names, self.on_device = columns, dims, layer_names, {}
+        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def forward(self, x, masks=None):
         """The model's output, slice k of the batch under mask k of `masks` (one (K, width) tensor per group)."""
         if masks is None:
             return self.model(x)
         self.masks = torch.cat([*masks, torch.ones_like(masks[0][:, :1])], 1)  # (K, all channels + 1)
-        columns = self.on_device.setdefault(x.device, {m: c.to(x.device) for m, c in self.columns.items()})
-        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        hooks = [m.register_forward_hook(self.per_slice_bn) for m in bns]  # first: the masks zero what BN computes
+        if x.device not in self.on_device:  # the mask columns, copied to each device once
+            self.on_device[x.device] = {m: c.to(x.device) for m, c in self.columns.items()}
+        columns = self.on_device[x.device]
+        hooks = [m.register_forward_hook(self.per_slice_bn) for m in self.bns]  # first: the masks zero what BN computes
         hooks += [m.register_forward_hook(functools.partial(self.mask, column=c, dim=self.dims[m]))
                   for m, c in columns.items()]
         try:
@@ -243,7 +245,8 @@ class FittedLatency(crl.LatencyCost):
         super().__init__(table, numerics)
 
     def predict_ms(self, widths):
-        return sum(c * crl.quadratic(widths, self.m[n].to(widths.device)) / s for c, (n, s) in zip(
+        self.m = {n: m.to(widths.device) for n, m in self.m.items()}  # kept where the widths are: moved once
+        return sum(c * crl.quadratic(widths, self.m[n]) / s for c, (n, s) in zip(
             self.table['coef'], (('macs', 1e9), ('activations', 1e6)))) + self.table['coef'][2]
 
 
