@@ -155,7 +155,6 @@ VGG_CFG = {  # channels per conv layer; 'M' is a 2x2 max-pool
     'vgg16': [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M'],
     'vgg19': [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 256, 'M', 512, 512, 512, 512, 'M', 512, 512, 512, 512, 'M'],
 }
-ARCHS = [*VGG_CFG, 'resnet18']
 
 
 class VGG(nn.Module):
@@ -217,20 +216,6 @@ class ResNet18(nn.Module):
         for block in self.blocks:
             x = block(x, masks)
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1), masks)
-
-
-def dense_widths(arch, width=1.0):
-    """Channels of every group of the dense network, every layer scaled by `width`."""
-    base = [64, 128, 256, 512, 64, 64, 128, 128, 256, 256, 512, 512] if arch == 'resnet18' else \
-        [c for c in VGG_CFG[arch] if c != 'M'] + [512]
-    return [max(1, round(c * width)) for c in base]
-
-
-def build(arch, widths, num_classes):
-    """The built-in network `arch` with `widths` channels per group."""
-    model = (ResNet18 if arch == 'resnet18' else VGG)(arch, widths, num_classes)
-    model.arch, model.num_classes = arch, num_classes
-    return model
 
 
 # --- 3. Costs: exact functions of the kept widths ---------------------------------------------------------------------
@@ -1524,6 +1509,23 @@ def speed_table(rows):
 
 
 # --- 16. The command line ---------------------------------------------------------------------------------------------
+
+ARCHS = [*VGG_CFG, 'resnet18']  # the built-in networks, by the names the command line takes
+
+
+def dense_widths(arch, width=1.0):
+    """Channels of every group of the dense network, every layer scaled by `width`."""
+    base = [64, 128, 256, 512, 64, 64, 128, 128, 256, 256, 512, 512] if arch == 'resnet18' else \
+        [c for c in VGG_CFG[arch] if c != 'M'] + [512]
+    return [max(1, round(c * width)) for c in base]
+
+
+def build(arch, widths, num_classes):
+    """The built-in network `arch` with `widths` channels per group."""
+    model = (ResNet18 if arch == 'resnet18' else VGG)(arch, widths, num_classes)
+    model.arch, model.num_classes = arch, num_classes
+    return model
+
 
 BUILT_IN = COSTS + ['latency']  # cost names a budget may use without --cost
 BUDGET_UNITS = {'K': 1e3, 'M': 1e6, 'G': 1e9, 'us': 1e-3, 'ms': 1.0, 's': 1e3}  # counts; latency in ms
