@@ -26,9 +26,10 @@ PART I, THE METHOD: self-contained; stop reading at its end and you have all of 
   7. The loops            one pruning step; the pruning loop; supervised training (dense, fine-tuning)
   8. The final mask       the most probable channels within every budget
   9. Compaction           the smaller network, same outputs
- 10. prune_network        the library call: all of the above on your network
-PART II, THE TOOL: data, measured latency, user cost files, progress, checkpoints, saving and export, inference
-speed, and the command line that runs the whole pipeline on CIFAR or an image folder.
+ 10. The library call     Prunable (what the stages need of a network), the four stages, prune_network
+PART II, THE TOOL: data, networks (built-in or torchvision through crl_tp.py), measured costs (latency), user cost
+files, progress, checkpoints, saving and export, inference speed, and the command line, which runs Part I's stages
+on CIFAR or an image folder.
 """
 import copy
 import math
@@ -36,17 +37,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import argparse  # noqa: I100  (these for Part II alone)
-import csv
-import functools
-import glob
-import importlib.util
-import json
-import os
-import shlex
-import sys
-import time
 
 
 # =====================================================================================================================
@@ -67,14 +57,14 @@ class CRLError(ValueError):
 # BatchNorm takes its statistics over each slice separately, so a sub-network's outputs (and its reward) depend on its
 # own mask and images only, never on the other masks of the batch, and match what the compact network computes.
 
-def batch_norm_per_slice(bn, y, k, update=True):
-    """Train-mode BN of `y` = K slices of n samples, each slice normalised with its own mean and variance over its n
+def batch_norm_per_slice(bn, y, slices, update=True):
+    """Train-mode BN of `y` = K `slices` of n samples, each normalised with its own mean and variance over its n
     samples (and positions). The running statistics (if `update`) move towards the mean of the slices' statistics."""
-    z = y.float().view(k, -1, *y.shape[1:])  # (K, n, C, *positions): a view, whatever the memory format
+    z = y.float().view(slices, -1, *y.shape[1:])  # (K, n, C, *positions): a view, whatever the memory format
     var, mean = torch.var_mean(z, [1, *range(3, z.dim())], correction=0, keepdim=True)  # per slice and channel
     if update and bn.track_running_stats:
         with torch.no_grad():
-            n = z.numel() // (k * z.shape[2])  # values behind each slice's statistics
+            n = z.numel() // (slices * z.shape[2])  # values behind each slice's statistics
             bn.running_mean.lerp_(mean.mean(0).flatten(), bn.momentum)
             bn.running_var.lerp_(var.mean(0).flatten() * n / max(n - 1, 1), bn.momentum)  # unbiased, as nn.BatchNorm
             bn.num_batches_tracked += 1
@@ -95,9 +85,9 @@ class Unit(nn.Module):
                 isinstance(bn, (nn.modules.batchnorm._BatchNorm, nn.Identity))):
             raise CRLError(f"a Unit is a convolution or nn.Linear, then a BatchNorm or nn.Identity; not "
                            f"{type(layer).__name__}, {type(bn).__name__}")
-        g = getattr(layer, 'groups', 1)
-        self.depthwise = g > 1 and g == layer.in_channels == layer.out_channels
-        if g > 1 and not self.depthwise:
+        conv_groups = getattr(layer, 'groups', 1)  # a convolution's own groups, not channel groups
+        self.depthwise = conv_groups > 1 and conv_groups == layer.in_channels == layer.out_channels
+        if conv_groups > 1 and not self.depthwise:
             raise CRLError(f"{layer}: a grouped convolution cannot lose single channels; only depthwise ones "
                            f"(groups = in = out channels) can")
         if self.depthwise and inp != out:
@@ -106,13 +96,14 @@ class Unit(nn.Module):
 
     def forward(self, x, masks=None):
         y = self.layer(x)
-        k = 1 if masks is None else len(masks[0])
-        per_slice = k > 1 and self.training and isinstance(self.bn, nn.modules.batchnorm._BatchNorm)
-        y = batch_norm_per_slice(self.bn, y, k) if per_slice else self.bn(y)
+        n_masks = 1 if masks is None else len(masks[0])
+        per_slice = n_masks > 1 and self.training and isinstance(self.bn, nn.modules.batchnorm._BatchNorm)
+        y = batch_norm_per_slice(self.bn, y, n_masks) if per_slice else self.bn(y)
         if masks is None or self.out is None:
             return y
         m = masks[self.out]  # (K, channels): slice k of the batch keeps the channels of mask k
-        return (y.view(k, -1, *y.shape[1:]) * m.view(k, 1, -1, *[1] * (y.dim() - 2)).to(y.dtype)).flatten(0, 1)
+        return (y.view(n_masks, -1, *y.shape[1:]) * m.view(n_masks, 1, -1, *[1] * (y.dim() - 2)).to(y.dtype)
+                ).flatten(0, 1)
 
     def dim_groups(self, t):
         """(dim, group) pairs of one of this unit's tensors: dim 0 follows the output group, dim 1 the input group
@@ -144,9 +135,10 @@ def group_widths(model):
 
 # --- 2. Two worked examples: VGG and ResNet18 for 32x32 images --------------------------------------------------------
 
-def conv_bn(widths, inp, out, stride=1, k=3):
+def conv_bn(widths, inp, out, stride=1, kernel=3):
     cin = 3 if inp is None else widths[inp]
-    return Unit(nn.Conv2d(cin, widths[out], k, stride, k // 2, bias=False), nn.BatchNorm2d(widths[out]), inp, out)
+    return Unit(nn.Conv2d(cin, widths[out], kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(widths[out]),
+                inp, out)
 
 
 VGG_CFG = {  # channels per conv layer; 'M' is a 2x2 max-pool
@@ -190,7 +182,7 @@ class Block(nn.Module):
         super().__init__()
         self.conv1 = conv_bn(widths, inp, mid, stride)
         self.conv2 = conv_bn(widths, mid, out)
-        self.shortcut = conv_bn(widths, inp, out, stride, k=1) if stride != 1 or inp != out else None
+        self.shortcut = conv_bn(widths, inp, out, stride, kernel=1) if stride != 1 or inp != out else None
 
     def forward(self, x, masks=None):
         h = F.relu(self.conv1(x, masks))
@@ -216,6 +208,23 @@ class ResNet18(nn.Module):
         for block in self.blocks:
             x = block(x, masks)
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1), masks)
+
+
+ARCHS = [*VGG_CFG, 'resnet18']  # the two examples' networks, by name
+
+
+def dense_widths(arch, width=1.0):
+    """Channels of every group of the dense network, every layer scaled by `width`."""
+    base = [64, 128, 256, 512, 64, 64, 128, 128, 256, 256, 512, 512] if arch == 'resnet18' else \
+        [c for c in VGG_CFG[arch] if c != 'M'] + [512]
+    return [max(1, round(c * width)) for c in base]
+
+
+def build(arch, widths, num_classes):
+    """The built-in network `arch` with `widths` channels per group."""
+    model = (ResNet18 if arch == 'resnet18' else VGG)(arch, widths, num_classes)
+    model.arch, model.num_classes = arch, num_classes
+    return model
 
 
 # --- 3. Costs: exact functions of the kept widths ---------------------------------------------------------------------
@@ -259,10 +268,10 @@ def make_costs(model, names=COSTS, input_shape=(3, 32, 32)):
     seen = set()
     for unit in units(model):
         for name, t in unit.named_parameters():
-            groups = dict(unit.dim_groups(t))  # a dim that follows a group has that group's kept width
-            fixed = math.prod(size for d, size in enumerate(t.shape) if d not in groups)
-            i = 1 + groups[0] if 0 in groups else 0  # t has fixed * w_out * w_in, fixed * w_out or fixed elements:
-            j = 1 + groups[1] if 1 in groups else 0  # index 0 of w' is the constant 1
+            dims = dict(unit.dim_groups(t))  # dim -> group: a dim that follows a group has that group's kept width
+            fixed = math.prod(size for d, size in enumerate(t.shape) if d not in dims)
+            i = 1 + dims[0] if 0 in dims else 0  # t has fixed * w_out * w_in, fixed * w_out or fixed elements:
+            j = 1 + dims[1] if 1 in dims else 0  # index 0 of w' is the constant 1
             matrices['params'][i, j] += fixed
             if name == 'layer.weight':  # MACs: weight elements x output positions
                 matrices['macs'][i, j] += fixed * positions[unit.layer]
@@ -288,9 +297,9 @@ def quadratic(widths, m):
     return torch.einsum('...i,ij,...j->...', w, m, w)
 
 
-def fraction_of(m, dense_widths):
+def fraction_of(m, dense):
     """The cost C(widths) = count(widths) / count(dense widths) of the quadratic form `m`."""
-    total, on = quadratic(torch.tensor(dense_widths), m).item(), {}  # on: a copy of M per device, made once
+    total, on = quadratic(torch.tensor(dense), m).item(), {}  # on: a copy of M per device, made once
 
     def cost(widths):
         if widths.device not in on:
@@ -306,14 +315,14 @@ class Policy(nn.Module):
         super().__init__()
         self.widths = list(widths)
         self.theta = nn.Parameter(torch.full((sum(widths),), math.log(init_keep / (1 - init_keep))))
-        # channel -> group one-hot matrix: kept widths of K masks are one matrix product
-        self.register_buffer('groups', torch.repeat_interleave(torch.eye(len(widths)), torch.tensor(widths), 0),
+        # (channels, groups) one-hot matrix, row c: the group of channel c; kept widths of K masks: one product
+        self.register_buffer('onehot', torch.repeat_interleave(torch.eye(len(widths)), torch.tensor(widths), 0),
                              persistent=False)
 
-    def sample(self, k):
-        """k masks, a (k, channels) tensor of zeros and ones."""
+    def sample(self, n):
+        """n masks, an (n, channels) tensor of zeros and ones."""
         p = torch.sigmoid(self.theta.detach()).nan_to_num(0.5)  # NaN logits: caught at the end of the epoch
-        return torch.bernoulli(p.expand(k, -1))
+        return torch.bernoulli(p.expand(n, -1))
 
     def log_prob(self, masks):
         """log pi(m) = sum_c m_c log p_c + (1 - m_c) log(1 - p_c), one value per mask."""
@@ -326,7 +335,7 @@ class Policy(nn.Module):
     def kept(self, masks):
         """Kept widths per group of each mask, the input of every cost (given keep-probabilities instead of masks:
         the expected widths, rounded)."""
-        return (masks @ self.groups).round().long()
+        return (masks @ self.onehot).round().long()
 
 
 # --- 5. REINFORCE with a baseline on the Lagrangian reward ------------------------------------------------------------
@@ -335,8 +344,8 @@ def reinforce_loss(policy, masks, reward, cost, budget, lam):
     """Surrogate loss whose gradient is minus the policy gradient of the Lagrangian, for K masks.
     reward: (K,), cost: (K, J) values C_j(m_k), budget and lam: (J,)."""
     lagrangian = reward - (cost - budget) @ lam           # L_k = R_k - sum_j lambda_j (C_j(m_k) - b_j)
-    k = len(lagrangian)
-    advantage = (lagrangian - lagrangian.mean()) * k / (k - 1)  # L_k - b_k, b_k = mean of the other K-1 (unbiased)
+    n = len(lagrangian)
+    advantage = (lagrangian - lagrangian.mean()) * n / (n - 1)  # L_k - b_k, b_k = mean of the other K-1 (unbiased)
     return -(advantage.detach().float() * policy.log_prob(masks)).mean()  # grad: -mean_k (L_k - b_k) grad log pi(m_k)
 
 
@@ -364,12 +373,12 @@ def dual_step(integral, cost, budget, eta, damping):
 # multipliers): a checkpoint saves them, and an optional resume(phase, objects) loads them back and returns the
 # epoch to continue from. Part II builds progress lines, metrics and checkpoints on these two hooks.
 
-def pruning_step(model, policy, costs, budget, integral, lam, x, y, opt_w, opt_p, samples=8, dual_lr=0.01,
-                 damping=10.0, bf16=False):
-    """One CRL step on the images x: sample K masks and score all K sub-networks in one forward pass (slice k of the
-    batch is the same images under mask k: common random numbers, rewards differ only through the masks), then
-    update the weights (SGD on the sub-networks' mean cross-entropy, so they adapt to them), the policy (REINFORCE)
-    and, in place, the multipliers (dual step). Returns the loss, the logits and the K sampled costs (K, J)."""
+def pruning_step(model, policy, costs, budget, lam, x, y, opt_w, opt_p, samples=8, bf16=False):
+    """One CRL step on the images x under the multipliers `lam`: sample K masks and score all K sub-networks in one
+    forward pass (slice k of the batch is the same images under mask k: common random numbers, rewards differ only
+    through the masks), then update the weights (SGD on the sub-networks' mean cross-entropy, so they adapt to them)
+    and the policy (REINFORCE). Returns the loss, the logits and the K sampled costs (K, J), which the dual step
+    takes."""
     masks = policy.sample(samples)
     with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
         logits = model(torch.cat([x] * samples), policy.split(masks))  # cat keeps channels_last
@@ -382,9 +391,6 @@ def pruning_step(model, policy, costs, budget, integral, lam, x, y, opt_w, opt_p
     (ce.mean() + reinforce_loss(policy, masks, -ce.detach(), cost, budget, lam)).backward()
     opt_w.step()
     opt_p.step()
-    new_integral, new_lam = dual_step(integral, cost.mean(0), budget, dual_lr, damping)
-    integral.copy_(new_integral)
-    lam.copy_(new_lam)
     return ce.mean().detach(), logits.detach(), cost
 
 
@@ -399,8 +405,9 @@ def prune(model, costs, budget, batches, epochs=10, *, samples=8, lr=0.02, weigh
           dual_lr=0.01, damping=10.0, init_keep=0.9, policy=None, bf16=False, compile=False, callback=None,
           resume=None):
     """The pruning loop: every step of every epoch a `pruning_step` on a batch of `batches` (re-iterable, with a
-    len: a list or a DataLoader of (images, labels); each batch runs K = `samples` times). costs: {name: C(widths)},
-    budget: fractions in the same order. Returns the policy (a new one unless given) and the multipliers."""
+    len: a list or a DataLoader of (images, labels); each batch runs K = `samples` times), then the dual step.
+    costs: {name: C(widths)}, budget: fractions in the same order. Returns the policy (a new one unless given) and
+    the multipliers. The loop's state, what a checkpoint saves, is the dict `state`."""
     if samples < 2:
         raise CRLError(f"samples={samples}: at least 2 masks a step (each one's baseline is the others' mean reward)")
     device = next(model.parameters()).device
@@ -408,25 +415,26 @@ def prune(model, costs, budget, batches, epochs=10, *, samples=8, lr=0.02, weigh
     policy = (policy or Policy(group_widths(model), init_keep)).to(device)
     opt_w, sched = sgd(model, lr, weight_decay, epochs * len(batches))
     opt_p = torch.optim.Adam(policy.parameters(), policy_lr)
-    integral, lam = torch.zeros_like(budget), torch.zeros_like(budget)
-    objects = dict(model=model, policy=policy, opt_w=opt_w, opt_p=opt_p, sched=sched, integral=integral, lam=lam)
+    state = dict(model=model, policy=policy, opt_w=opt_w, opt_p=opt_p, sched=sched,
+                 integral=torch.zeros_like(budget), lam=torch.zeros_like(budget))  # I_j and lambda_j (section 6)
     net = torch.compile(model) if compile else model
     model.train()
-    for epoch in range(resume('prune', objects) if resume else 1, epochs + 1):
-        event = dict(phase='prune', epoch=epoch, epochs=epochs, steps=len(batches), objects=objects)
+    for epoch in range(resume('prune', state) if resume else 1, epochs + 1):
+        event = dict(phase='prune', epoch=epoch, epochs=epochs, steps=len(batches), objects=state)
         for step, (x, y) in enumerate(batches, 1):
-            loss, logits, cost = pruning_step(net, policy, costs, budget, integral, lam, x, y, opt_w, opt_p, samples,
-                                              dual_lr, damping, bf16)
+            loss, logits, cost = pruning_step(net, policy, costs, budget, state['lam'], x, y, opt_w, opt_p, samples,
+                                              bf16)
+            state['integral'], state['lam'] = dual_step(state['integral'], cost.mean(0), budget, dual_lr, damping)
             sched.step()
             if callback:
                 callback({**event, 'step': step, 'loss': loss, 'logits': logits, 'labels': y.repeat(samples),
                           'cost': cost})
-        if not (torch.isfinite(lam).all() and torch.isfinite(policy.theta).all()):
+        if not (torch.isfinite(state['lam']).all() and torch.isfinite(policy.theta).all()):
             raise CRLError(f"prune epoch {epoch}: the multipliers or the policy became NaN or inf; lower the dual "
                            f"or policy learning rate or the damping")
         if callback:
             callback({**event, 'step': None})
-    return policy, lam
+    return policy, state['lam']
 
 
 def train(model, batches, epochs, lr=0.1, *, weight_decay=5e-4, bf16=False, compile=False, phase='train',
@@ -484,9 +492,9 @@ def keep_top(policy, counts):
     """The mask that keeps, in every group, its counts[g] most probable channels."""
     theta = policy.theta.detach()
     m, start = torch.zeros_like(theta), 0
-    for w, k in zip(policy.widths, counts):
-        m[start + theta[start:start + w].topk(k).indices] = 1
-        start += w
+    for width, n in zip(policy.widths, counts):
+        m[start + theta[start:start + width].topk(n).indices] = 1
+        start += width
     return m
 
 
@@ -506,7 +514,7 @@ def allowed(costs, budget, widths):
 def prefixes(policy, multiple=1):
     """Kept widths of every prefix of the ranking by keep-probability, row n: the first n channels (rounded)."""
     order = policy.theta.detach().argsort(descending=True)
-    counts = torch.cat([torch.zeros_like(policy.groups[:1]), policy.groups[order].cumsum(0)]).round().long()
+    counts = torch.cat([torch.zeros_like(policy.onehot[:1]), policy.onehot[order].cumsum(0)]).round().long()
     return rounded(policy.widths, counts, multiple)
 
 
@@ -549,45 +557,96 @@ def compact(model, masks):
     return small
 
 
-# --- 10. prune_network: the library call -----------------------------------------------------------------------------
+# --- 10. The library call: the method's stages on any prunable network -------------------------------------------
+# What the stages need of a network is stated once, in `Prunable`: this class answers for a network of Units, and
+# crl_tp.py's TracedNetwork for any torchvision model. A cost may also be *measured* on whole networks (latency is):
+# then besides C(widths), its prediction, which steers the policy, it has `measure(small, dense)`, the fraction it
+# measures, which decides the budget's feasibility, and `search(net, policy, costs, budget, multiple)`, the final
+# mask found by measuring compact networks (every measured cost at once; section 8 ranks by the predictions alone).
+# Part II's `MeasuredCost` gives both: subclass it. `prune_network` runs the four stages; the command line runs the
+# same four, with its data, progress, checkpoints and reports around them.
 
-def checked_budget(budget, costs, widths, multiple=1):
-    """The costs `budget` ({name: fraction}) names, in its order, and its fractions as a tensor. A name without a
-    cost, a fraction outside (0, 1] or a budget that even the smallest network breaks is a CRLError."""
+class Prunable:
+    """A network the method can prune. `model`: forward(x, masks=None), what the loops train and mask; `plain`: the
+    network itself, as saved, counted and timed (here the same module); `widths` and `names` of its groups;
+    `costs(names)`: exact params and MACs (section 3); `compact(masks)` (section 9); `shrink(widths)`: the first
+    channels of each group (to time a shape, or to load weights saved from a compact network); `fresh(widths)`: a
+    randomly initialised network of those widths; `notes`: what it leaves unpruned, and why. For a latency budget the
+    tool (Part II) also asks `latency_table(numerics, batch)` and `latency(table, numerics)`."""
+
+    def __init__(self, model, input_shape=(3, 32, 32)):
+        self.model = self.plain = model
+        self.input_shape, self.widths, self.notes = tuple(input_shape), group_widths(model), []
+        self.names = list(getattr(model, 'group_names', None) or [f'group{g}' for g in range(len(self.widths))])
+
+    def costs(self, names):
+        return make_costs(self.model, names, self.input_shape) if names else {}
+
+    def compact(self, masks):
+        return compact(self.model, masks)
+
+    def shrink(self, widths):
+        if len(widths) != len(self.widths) or any(not 0 < n <= w for w, n in zip(self.widths, widths)):
+            raise CRLError(f"widths {list(widths)} do not fit a network of widths {self.widths}")
+        return self.compact([torch.arange(w) < n for w, n in zip(self.widths, widths)])
+
+    def fresh(self, widths):
+        small = self.shrink(widths)
+        for m in small.modules():
+            if hasattr(m, 'reset_parameters'):
+                m.reset_parameters()
+        return small
+
+
+def checked_budget(budget, costs, net, multiple=1):
+    """Stage 1: the costs `budget` ({name: fraction}) names, in its order, and its fractions as a tensor. A name
+    without a cost, a fraction outside (0, 1] or a budget that even the smallest network breaks (measured, for a
+    measured cost) is a CRLError."""
     names = list(budget)
     unknown = [n for n in names if n not in costs]
     if unknown or not names:
         raise CRLError(f"budget {budget}: no cost named {unknown or 'at all'}; give params, macs or one of `costs`")
     if not all(0 < budget[n] <= 1 for n in names):
         raise CRLError(f"budget {budget}: every value is a fraction of the dense network, in (0, 1]")
-    costs, fractions = {n: costs[n] for n in names}, torch.tensor([budget[n] for n in names], dtype=torch.float64)
-    if not allowed(costs, fractions, rounded(widths, [1] * len(widths), multiple)[None])[0]:
-        raise CRLError(f"budget {budget}: infeasible, even {multiple} channel(s) per group cost more")
-    return costs, fractions
+    smallest = rounded(net.widths, [1] * len(net.widths), multiple)
+    for name in names:
+        cost = costs[name]
+        c = cost.measure(net.shrink(smallest.tolist()), net.plain) if hasattr(cost, 'measure') else \
+            cost(smallest[None])[0].item()
+        if c > budget[name]:
+            raise CRLError(f"budget {budget}: infeasible, even {multiple} channel(s) per group cost {c:.3f} of the "
+                           f"dense network's {name}" + (', measured' if hasattr(cost, 'measure') else ''))
+    return {n: costs[n] for n in names}, torch.tensor([budget[n] for n in names], dtype=torch.float64)
+
+
+def final_network(net, policy, costs, budget, multiple=1, batches=None, bf16=False):
+    """Stage 3 (after stage 2, `prune`): the final mask (section 8; found by measuring, where a cost is measured),
+    the compact network (section 9) and its BN statistics measured on `batches`. Returns the network and the mask."""
+    measured = [c for c in costs.values() if hasattr(c, 'search')]
+    mask = measured[0].search(net, policy, costs, budget, multiple) if measured else \
+        final_mask(policy, costs, budget, multiple)
+    small = net.compact(policy.split(mask))
+    if batches is not None:
+        recalibrate_bn(small, batches, bf16=bf16)
+    return small, mask
 
 
 def prune_network(model, batches, budget, *, costs=None, input_shape=None, prune_epochs=10, prune_lr=0.02,
                   finetune_epochs=10, lr=0.1, finetune_batches=None, multiple=1, bf16=False, callback=None,
-                  widths=None, compact_of=None, **options):
-    """Prune `model`, a network of Units whose forward takes (x, masks=None), under `budget`, {cost name: fraction
-    of the dense network in (0, 1]} (e.g. {'params': 0.1}, {'macs': 0.3, 'energy': 0.5}); return the compact network,
-    fine-tuned. batches: re-iterable (images, labels) batches with a len, on the model's device (a pruning step runs
-    its batch K times); costs: more {name: C(widths)}, params and macs built in; options: `prune`'s keywords. A
-    network not built of Units (crl_tp's) gives its `widths`, costs and `compact_of(masks)`. Bad input raises
-    CRLError before any training."""
-    costs = dict(costs or {})
-    built_in = [n for n in budget if n in COSTS and n not in costs]
-    if built_in:
-        costs.update(make_costs(model, built_in, tuple(input_shape or next(iter(batches))[0].shape[1:])))
-    widths = widths or group_widths(model)
-    costs, fractions = checked_budget(budget, costs, widths, multiple)
-    policy = Policy(widths, options.pop('init_keep', 0.9))
-    policy, _ = prune(model, costs, fractions, batches, prune_epochs, lr=prune_lr, policy=policy, bf16=bf16,
-                      callback=callback, **options)
-    masks = policy.split(final_mask(policy, costs, fractions, multiple))
-    small = compact_of(masks) if compact_of else compact(model, masks)
-    recalibrate_bn(small, batches, bf16=bf16)
-    return train(small, finetune_batches or batches, finetune_epochs, lr, bf16=bf16, phase='finetune',
+                  init_keep=0.9, **options):
+    """Prune `model` under `budget`, {cost name: fraction of the dense network in (0, 1]} (e.g. {'params': 0.1},
+    {'macs': 0.3, 'energy': 0.5}); return the compact network, fine-tuned. model: a network of Units whose forward
+    takes (x, masks=None), or a `Prunable` (crl_tp's, for any torchvision model). batches: re-iterable (images,
+    labels) batches with a len, on the model's device (a pruning step runs its batch K times); costs: more {name:
+    C(widths)}, params and macs built in; options: `prune`'s keywords. `model`'s weights train while pruning (copy
+    it first to keep the dense network). Bad input raises CRLError before any training."""
+    net = model if isinstance(model, Prunable) else Prunable(model, input_shape or next(iter(batches))[0].shape[1:])
+    costs = {**net.costs([n for n in budget if n in COSTS and n not in (costs or {})]), **(costs or {})}
+    costs, fractions = checked_budget(budget, costs, net, multiple)                                  # stage 1
+    policy, _ = prune(net.model, costs, fractions, batches, prune_epochs, lr=prune_lr, bf16=bf16,    # stage 2
+                      policy=Policy(net.widths, init_keep), callback=callback, **options)
+    small, _ = final_network(net, policy, costs, fractions, multiple, finetune_batches or batches, bf16)  # stage 3
+    return train(small, finetune_batches or batches, finetune_epochs, lr, bf16=bf16, phase='finetune',  # stage 4
                  callback=callback)
 
 
@@ -598,12 +657,25 @@ def prune_network(model, batches, budget, *, costs=None, input_shape=None, prune
 # =====================================================================================================================
 # PART II: THE TOOL
 # =====================================================================================================================
+import argparse  # noqa: E402  (Part II's own imports: Part I needs none of them)
+import csv  # noqa: E402
+import functools  # noqa: E402
+import glob  # noqa: E402
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
 # 11. Data                 the whole dataset on the device, augmentation as tensor ops, batches as Part I takes them
-# 12. Measured latency     a per-unit table to predict it while pruning; the final mask found by timing
-# 13. User cost files      --cost NAME=file.py:function
-# 14. Progress, metrics and checkpoints, as callbacks of Part I's loops
-# 15. Saving, loading, export and inference speed
-# 16. The command line     every input checked before any long work, then the pipeline phase by phase
+# 12. Networks             what the tool prunes: built-in networks of Units, or any torchvision model through crl_tp
+# 13. Measured costs       latency: a per-unit table predicts it while pruning; feasibility and final mask timed
+# 14. User cost files      --cost NAME=file.py:function
+# 15. Progress, metrics and checkpoints, as callbacks of Part I's loops
+# 16. Saving, loading, export and inference speed
+# 17. The command line     every input checked before any long work, then Part I's stages phase by phase
 
 def fail(message):
     raise CRLError(message)
@@ -777,16 +849,54 @@ def evaluate(model, data):
     return correct.item() / len(data['test'][1])
 
 
-def shrink(model, widths):
-    """`model` cut to `widths` channels per group (the first ones): a network of that shape, for timing or for
-    loading weights saved from a compact network."""
-    dense = group_widths(model)
-    if len(widths) != len(dense) or any(not 0 < k <= w for w, k in zip(dense, widths)):
-        fail(f"widths {list(widths)} do not fit a network of widths {dense}")
-    return compact(model, [torch.arange(w) < k for w, k in zip(dense, widths)])
+# --- 12. Networks the tool prunes ------------------------------------------------------------------------------------
+# The tool prunes a `Prunable` (section 10): for the built-in networks a `Network`; for --arch torchvision:NAME, and
+# to load a network not built of Units, crl_tp.py's TracedNetwork. `plugin` is the one place that imports crl_tp
+# (which imports this file and needs torch-pruning): reached through `network` and `as_network` alone.
+
+class Network(Prunable):
+    """A network of Units as the tool prunes it: Part I's `Prunable`, with its name and a latency model."""
+
+    def __init__(self, model, input_shape=(3, 32, 32)):
+        super().__init__(model, input_shape)
+        self.arch, self.classes = getattr(model, 'arch', None), getattr(model, 'num_classes', None)
+
+    def latency_table(self, numerics, batch):
+        return build_latency_table(self.model, numerics, batch, self.input_shape)
+
+    def latency(self, table, numerics):
+        return Latency(table, numerics)
 
 
-# --- 12. Measured latency ---------------------------------------------------------------------------------------------
+def is_known(arch):
+    return arch in ARCHS or str(arch).startswith('torchvision:')
+
+
+def plugin():
+    """crl_tp.py, CRL on networks not built of Units (it needs the torch-pruning package)."""
+    try:
+        return importlib.import_module('crl_tp')
+    except ImportError as e:
+        fail(f"a network not built of Units needs crl_tp.py and the torch-pruning package (pip install -r "
+             f"requirements-extras.txt): {first_line(e)}")
+
+
+def network(arch, width, classes, input_shape=(3, 32, 32)):
+    """The dense network --arch names, as a `Prunable`: built-in, or torchvision:NAME through crl_tp."""
+    if str(arch).startswith('torchvision:'):
+        return plugin().TracedNetwork(arch, classes, input_shape)
+    return Network(build(arch, dense_widths(arch, width), classes), input_shape)
+
+
+def as_network(model, input_shape=(3, 32, 32)):
+    """Your own dense network `model` as a `Prunable`: a network of Units directly, any other through crl_tp."""
+    if units(model):
+        return Network(model, input_shape)
+    return plugin().TracedNetwork(getattr(model, 'arch', None), getattr(model, 'num_classes', None), input_shape,
+                                  model)
+
+
+# --- 13. Measured costs: latency ------------------------------------------------------------------------------------
 # While pruning, latency is predicted: each unit (conv or linear, BN, ReLU) is timed alone on the target device at a
 # small grid of kept (input, output) widths, interpolated bilinearly in between. Units timed alone do not add up to
 # the whole network (pools, additions, per-call overheads, caches), so whole networks at a few widths are timed too
@@ -840,8 +950,9 @@ def unit_alone(u, cin, cout):
     if isinstance(layer, nn.Linear):
         bn = nn.BatchNorm1d(cout) if isinstance(u.bn, nn.modules.batchnorm._BatchNorm) else nn.Identity()
         return nn.Sequential(nn.Linear(cin, cout), bn)
-    groups = cout if u.depthwise else 1
-    conv = type(layer)(cin, cout, layer.kernel_size, layer.stride, layer.padding, layer.dilation, groups, bias=False)
+    conv_groups = cout if u.depthwise else 1
+    conv = type(layer)(cin, cout, layer.kernel_size, layer.stride, layer.padding, layer.dilation, conv_groups,
+                       bias=False)
     return nn.Sequential(conv, type(u.bn)(cout) if isinstance(u.bn, nn.modules.batchnorm._BatchNorm) else nn.Identity(),
                          nn.ReLU())
 
@@ -897,7 +1008,7 @@ def build_latency_table(model, numerics, batch, input_shape=(3, 32, 32), repeats
     # pools, additions and per-call overheads.
     candidates = calibration_widths(widths)
     sums = Latency(table).predict_ms(candidates)
-    nets = [numerics.place(shrink(model, w.tolist())) for w in candidates]
+    nets = [numerics.place(Prunable(model, input_shape).shrink(w.tolist())) for w in candidates]
     return {**table, **calibrate(nets, torch.stack([sums, torch.ones_like(sums)], 1),
                                  numerics.random_input(batch, input_shape), numerics, repeats)}
 
@@ -941,19 +1052,63 @@ def interpolation(grid, n):
     return m
 
 
-class LatencyCost:
+class MeasuredCost:
+    """The kind of cost that is measured on whole networks (latency; a user's energy meter), as section 10 states
+    it: C(widths), the fraction it *predicts*, steers the policy; `measure(small, dense)`, the fraction measured on
+    the two networks, decides the budget's feasibility and, through `search`, the final mask. A subclass gives
+    `__call__(widths)`, the prediction for a (K, groups) int64 tensor of kept widths on the model's device, K
+    fractions (called every pruning step, and by the search on every prefix of the ranking at once: make it cheap),
+    and `measurements(*models, rounds)`: each network's measured value (in any unit) and the spread of its
+    measurement (interquartile range over median; 0 if exact), the networks measured in turns. `measure` hands it
+    eval-mode copies, outside autograd. After the search, `final` holds what was measured of the final network
+    ({'fraction', 'pruned', 'dense', 'scatter', 'timings': networks measured})."""
+    last = final = None  # what `measure` measured last, and what the search measured of the final network
+
+    @torch.no_grad()
+    def measure(self, small, dense, rounds=3):
+        models = [copy.deepcopy(m).eval() for m in (small, dense)]  # the user's network is left as it is
+        (small_value, dense_value), spread = self.measurements(*models, rounds=rounds)
+        self.last = {'pruned': small_value, 'dense': dense_value, 'scatter': max(spread)}
+        return small_value / dense_value
+
+    def search(self, net, policy, costs, budget, multiple):
+        return measured_final_mask(net, policy, costs, budget, multiple)
+
+    def results(self, measured, kept, budget):
+        """What results.json records of the final network's measurement (`measured`: what the search measured), and
+        the line that reports it."""
+        return measured, f"measured: {measured['fraction']:.3f} of the dense network's value (budget {budget:.3f})"
+
+
+class LatencyCost(MeasuredCost):
     """A latency cost: C(widths) = predicted latency / predicted dense latency, for K width vectors at once (a ratio
-    of two predictions: one noisy timing of the dense network does not shift every fraction); `measure_ms` times
+    of two predictions: one noisy timing of the dense network does not shift every fraction); `measurements` times
     whole networks where the table was made (`numerics`). Subclasses predict: `predict_ms(widths)`."""
 
     def __init__(self, table, numerics=None):
-        self.table, self.numerics, self.dense_ms = table, numerics, table.get('dense_ms')
+        self.table, self.numerics, self.dense = table, numerics, table.get('dense_ms')  # dense: in ms, its unit
         self.dense_predicted_ms = self.predict_ms(torch.tensor([table['meta']['widths']])).item()
+        self.build_s = 0.0  # the time its table took to build (0: reused)
 
     def __call__(self, widths):
         return self.predict_ms(widths) / self.dense_predicted_ms
 
-    def measure_ms(self, *models, rounds=3):
+    def results(self, measured, kept, budget):
+        """What results.json records of the final network's latency (`measured`: what the search timed), and the
+        line that reports it."""
+        m = self.table['meta']
+        r = {**self.numerics.describe(), 'device': m['device'], 'batch': m['batch'], 'table_build_s': self.build_s,
+             'fit': self.table.get('fit'), 'dense_measured_ms': measured['dense'],
+             'dense_predicted_ms': self.dense_predicted_ms, 'pruned_measured_ms': measured['pruned'],
+             'pruned_predicted_ms': self.predict_ms(kept).item(), 'budget_used': measured['fraction'] / budget,
+             'scatter': measured['scatter'], 'noisy': measured['scatter'] > 0.25, 'networks_timed': measured['timings']}
+        line = (f"latency on {r['device']}, batch {r['batch']}, timed in turns: dense {r['dense_measured_ms']:.3f} ms, "
+                f"pruned {r['pruned_measured_ms']:.3f} ms ({measured['fraction']:.3f} of dense, budget {budget:.3f}, "
+                f"{100 * r['budget_used']:.0f}% used); predicted {r['pruned_predicted_ms']:.3f} ms"
+                + ('; the timings scattered widely (busy machine?)' if r['noisy'] else ''))
+        return r, line
+
+    def measurements(self, *models, rounds=3):
         """Measured milliseconds of whole networks (eval mode) at the table's batch, timed in turns, and their
         spreads."""
         nets = [self.numerics.place(copy.deepcopy(m).eval()) for m in models]
@@ -988,43 +1143,43 @@ class Latency(LatencyCost):
         return self.flat[offsets + w[..., rows] * strides + w[..., cols]].sum(-1) * a + b
 
 
-def fit_latency(model, policy, costs, budget, multiple, compact_of=None):
-    """The final mask under a latency budget, found by timing: the longest prefix of the ranking (as `final_mask`
-    ranks) whose compact network's *measured* latency, timed in turns with the dense network, meets the budget,
-    within every other budget (to 0.5% of the ranking). A bisection over the prefixes starts at the one the
-    prediction chose and moves either way: longer while the measured latency is under the budget, shorter while over;
-    the last one is timed again at more rounds before it is kept. `compact_of(masks)` makes the compact network
-    (default: `compact` of `model`). Returns the mask and what was measured."""
-    latency, j = costs['latency'], list(costs).index('latency')
-    target, counts = budget[j].item(), prefixes(policy, multiple)
-    others = allowed({n: c for n, c in costs.items() if n != 'latency'},
-                     torch.cat([budget[:j], budget[j + 1:]]), counts)
-    candidates = others.nonzero().flatten()  # prefix lengths every other budget allows, shortest first
+def measured_final_mask(net, policy, costs, budget, multiple):
+    """The final mask where some costs are measured (`measure`: latency), found by measuring: the longest prefix of
+    the ranking (as `final_mask` ranks) whose compact network's *measured* costs meet their budgets, within every
+    predicted budget (to 0.5% of the ranking). A bisection over the prefixes starts at the one the predictions chose
+    and moves either way: longer while the measurements meet the budgets, shorter while not; the last one is measured
+    again at more rounds before it is kept. Each measured cost keeps what it measured of that network in `final`."""
+    measured = [hasattr(c, 'measure') for c in costs.values()]
+    predicted = {n: c for (n, c), m in zip(costs.items(), measured) if not m}
+    counts = prefixes(policy, multiple)
+    others = allowed(predicted, budget[[not m for m in measured]], counts)
+    candidates = others.nonzero().flatten()  # prefix lengths every predicted budget allows, shortest first
     if not len(candidates):
         fail(f'the budget is below the smallest network ({multiple} channel(s) per group)')
-    predicted = latency(counts[candidates]) <= target
+    guess = allowed(costs, budget, counts[candidates])  # what the predictions of the measured costs allow
     timings = {}
 
-    def measure(i, rounds=3):
-        mask = keep_top(policy, counts[candidates[i]].tolist())
-        small = (compact_of or functools.partial(compact, model))(policy.split(mask))
-        (small_ms, dense_ms), spread = latency.measure_ms(small, model, rounds=rounds)
-        timings[i] = {'pruned_ms': small_ms, 'dense_ms': dense_ms, 'scatter': max(spread)}
-        return small_ms / dense_ms <= target
+    def meets(i, rounds=3):
+        small = net.compact(policy.split(keep_top(policy, counts[candidates[i]].tolist())))
+        timings[i] = {n: {'fraction': c.measure(small, net.plain, rounds), **c.last}
+                      for (n, c), m in zip(costs.items(), measured) if m}
+        return all(t['fraction'] <= budget[list(costs).index(n)] for n, t in timings[i].items())
 
-    lo, hi = -1, len(candidates)  # measured so far: lo meets the budget (-1: none yet), hi does not
-    i, step = (predicted.nonzero().max().item() if predicted.any() else 0), 1
-    while hi - lo > max(1, len(candidates) // 200):  # gallop away from the prediction's choice while one side is
+    lo, hi = -1, len(candidates)  # measured so far: lo meets the budgets (-1: none yet), hi does not
+    i, step = (guess.nonzero().max().item() if guess.any() else 0), 1
+    while hi - lo > max(1, len(candidates) // 200):  # gallop away from the predictions' choice while one side is
         # open, then bisect, down to 0.5% of the ranking: what a few channels more would add is within the noise
-        lo, hi = (i, hi) if measure(i) else (lo, i)
+        lo, hi = (i, hi) if meets(i) else (lo, i)
         i = lo + step if hi == len(candidates) else hi - step if lo == -1 else (lo + hi) // 2
         i, step = min(max(i, lo + 1), hi - 1), step * 2
-    while lo > 0 and not measure(lo, rounds=5):  # one slow moment must not keep a network over its budget...
+    while lo > 0 and not meets(lo, rounds=5):  # one slow moment must not keep a network over its budget...
         lo = lo * 19 // 20  # ... nor cost many channels: step down 5% at a time
     chosen = max(lo, 0)
     if chosen not in timings:
-        measure(chosen)
-    return keep_top(policy, counts[candidates[chosen]].tolist()), {**timings[chosen], 'timings': len(timings)}
+        meets(chosen)
+    for name, t in timings[chosen].items():
+        costs[name].final = {**t, 'timings': len(timings)}
+    return keep_top(policy, counts[candidates[chosen]].tolist())
 
 
 def latency_table(net, numerics, batch):
@@ -1034,19 +1189,21 @@ def latency_table(net, numerics, batch):
 
 
 def latency_cost(net, args):
-    """The latency cost of `net` (a `Network`) on --latency-device: the table from --latency-table, checked against
-    this run, or built now and saved in --out."""
-    numerics = Numerics(args.latency_device_t, args.bf16, args.channels_last)
-    if args.latency_table:
+    """The latency cost of `net` (a `Prunable`) on --latency-device: the table from --latency-table (on --resume:
+    the interrupted run's), checked against this run, or built now and saved in --out."""
+    flag = '--latency-device' if args.latency_device else '--device'
+    numerics = Numerics(get_device(args.latency_device or args.device, flag), args.bf16, args.channels_last)
+    path = args.latency_table or (os.path.join(args.out, 'latency_table.pt') if args.resume else None)
+    if path:
         try:
-            table = torch.load(args.latency_table, map_location='cpu', weights_only=True)
+            table = torch.load(path, map_location='cpu', weights_only=True)
             meta = table['meta']
         except Exception as e:
-            fail(f"--latency-table {args.latency_table}: not a latency table ({type(e).__name__})")
+            fail(f"--latency-table {path}: not a latency table ({type(e).__name__})")
         want = latency_meta(net, numerics, args.latency_batch)
         wrong = [k for k in want if meta.get(k) != want[k]]
         if wrong:
-            fail(f"--latency-table {args.latency_table}: made for another " + ', '.join(
+            fail(f"--latency-table {path}: made for another " + ', '.join(
                 f"{k} ({meta.get(k)!r}, this run: {want[k]!r})" for k in wrong))
         build_s = 0.0
     else:
@@ -1063,7 +1220,7 @@ def latency_cost(net, args):
     return cost
 
 
-# --- 13. User-defined costs: any function of the kept widths, a black box -------------------------------------------
+# --- 14. User-defined costs: any function of the kept widths, a black box -------------------------------------------
 # --cost NAME=path/to/file.py:function registers `function(widths, group_names)`: widths is a (K, groups) int64 CPU
 # tensor (kept channels per group of K candidate networks), group_names the groups' names in order; it returns K
 # numbers (any sequence or tensor), the cost of each candidate in its own unit. It is called once per pruning step
@@ -1114,7 +1271,7 @@ def group_names(model):
     return list(getattr(model, 'group_names', None) or [f'group{g}' for g in range(len(group_widths(model)))])
 
 
-# --- 14. Progress, metrics and checkpoints: callbacks of Part I's loops ----------------------------------------------
+# --- 15. Progress, metrics and checkpoints: callbacks of Part I's loops ----------------------------------------------
 
 PHASES = ('dense', 'prune', 'finetune')
 
@@ -1262,9 +1419,6 @@ def sync(device):
 # continues from there; since the random streams are restored with the rest, the resumed run computes what the
 # uninterrupted one would have (bit for bit on the CPU; on a GPU up to its nondeterministic kernels).
 
-DERIVED_ARGS = ('budget_parsed', 'latency_device_t')  # set from the command line's arguments, not saved with them
-
-
 def rng_state():
     return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
@@ -1280,7 +1434,7 @@ class Checkpoint:
     """OUT/checkpoint.pt, as a callback of Part I's loops (`__call__` saves at epochs' ends, `resume` restores).
     `report` holds what finished phases measured."""
 
-    FREE = ('resume', 'overwrite', 'log_every', 'checkpoint_every', *DERIVED_ARGS)  # may change on --resume
+    FREE = ('resume', 'overwrite', 'log_every', 'checkpoint_every')  # may change on --resume
 
     def __init__(self, args=None):  # without args: saves nothing
         self.state, self.saved, self.report, self.path = None, None, {}, None
@@ -1311,7 +1465,10 @@ class Checkpoint:
             return 1
         for name, obj in objects.items():
             saved = self.state['objects'][name]
-            obj.copy_(saved) if isinstance(obj, torch.Tensor) else obj.load_state_dict(saved)
+            if isinstance(obj, torch.Tensor):  # the loop's own tensors (the multipliers): replaced in its state
+                objects[name] = saved.to(obj.device)
+            else:
+                obj.load_state_dict(saved)
         torch.set_rng_state(self.state['rng']['cpu'])
         if self.state['rng']['cuda']:
             torch.cuda.set_rng_state_all(self.state['rng']['cuda'])
@@ -1333,7 +1490,7 @@ class Checkpoint:
         return f"{self.path} holds the state at the end of {self.saved[0]} epoch {self.saved[1]}"
 
 
-# --- 15. Saving, loading, export and inference speed ------------------------------------------------------------------
+# --- 16. Saving, loading, export and inference speed ------------------------------------------------------------------
 
 def save_atomic(obj, path):
     """torch.save (json.dump for a .json path) under a temporary name, then a rename: a kill during the save leaves
@@ -1367,17 +1524,14 @@ def load_pruned(path, model=None, device='cpu'):
     A built-in architecture is rebuilt by name (a torchvision one through crl_tp); for your own network pass `model`,
     an instance of its dense form (any weights): it is cut to the saved widths, then the saved weights go in."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    arch = ckpt.get('arch')
-    traced = str(arch).startswith('torchvision:') or (model is not None and not units(model))
+    arch, classes, shape = ckpt.get('arch'), ckpt.get('num_classes'), ckpt.get('input_shape') or (3, 32, 32)
     if model is None and not is_known(arch):
         fail(f"{path} holds a {arch}, not a built-in network: pass model=, an instance of its dense form")
-    if traced:
-        import crl_tp  # torch-pruning
-        model = crl_tp.build(arch, ckpt['num_classes'], ckpt['input_shape']) if model is None else model
-        net = crl_tp.TracedNetwork(arch, ckpt['num_classes'], ckpt['input_shape'], model.to(device))
-        net = net.shrink(ckpt['widths'])
-    else:
-        net = build(arch, ckpt['widths'], ckpt['num_classes']) if model is None else shrink(model, ckpt['widths'])
+    if model is None and arch in ARCHS:  # built at the saved widths (a width multiplier above 1 included)
+        net = build(arch, ckpt['widths'], classes)
+    else:  # the dense form (given, or a torchvision one built by name), cut to the saved widths
+        dense = network(arch, 1.0, classes, shape) if model is None else as_network(model.to(device), shape)
+        net = dense.shrink(ckpt['widths'])
     net.to(device).load_state_dict(ckpt['state_dict'])
     return net.eval(), {k: v for k, v in ckpt.items() if k != 'state_dict'}
 
@@ -1508,30 +1662,29 @@ def speed_table(rows):
     return '\n'.join(lines)
 
 
-# --- 16. The command line ---------------------------------------------------------------------------------------------
-
-ARCHS = [*VGG_CFG, 'resnet18']  # the built-in networks, by the names the command line takes
-
-
-def dense_widths(arch, width=1.0):
-    """Channels of every group of the dense network, every layer scaled by `width`."""
-    base = [64, 128, 256, 512, 64, 64, 128, 128, 256, 256, 512, 512] if arch == 'resnet18' else \
-        [c for c in VGG_CFG[arch] if c != 'M'] + [512]
-    return [max(1, round(c * width)) for c in base]
-
-
-def build(arch, widths, num_classes):
-    """The built-in network `arch` with `widths` channels per group."""
-    model = (ResNet18 if arch == 'resnet18' else VGG)(arch, widths, num_classes)
-    model.arch, model.num_classes = arch, num_classes
-    return model
-
+# --- 17. The command line ---------------------------------------------------------------------------------------------
 
 BUILT_IN = COSTS + ['latency']  # cost names a budget may use without --cost
+
+
+def cost_names(args):
+    """The cost names a budget may use: the built-in ones and those of --cost."""
+    return BUILT_IN + [spec.partition('=')[0] for spec in args.cost]
 BUDGET_UNITS = {'K': 1e3, 'M': 1e6, 'G': 1e9, 'us': 1e-3, 'ms': 1.0, 's': 1e3}  # counts; latency in ms
 
 
 def parse_args(argv):
+    """The command line's arguments, checked (`check_args`), --arch and --width taken from --pretrained where not
+    given, --out defaulted: what the run reads, never changed after this."""
+    args = parser().parse_args(argv)
+    take_pretrained_shape(args)
+    check_args(args)
+    args.out = args.out or os.path.join('runs', f"{args.arch}-{args.budget}".replace(':', '-').replace(
+        '=', '').replace(',', '-'))
+    return args
+
+
+def parser():
     p = argparse.ArgumentParser(description='Prune a CIFAR network under a budget with constrained RL.')
     p.error = fail  # bad arguments: one line, like every other bad input
     p.add_argument('--arch', help=f"one of {', '.join(ARCHS)} (default: vgg16, or that of --pretrained)")
@@ -1587,11 +1740,13 @@ def parse_args(argv):
     p.add_argument('--resume', action='store_true', help='continue the interrupted run in --out from its checkpoint')
     p.add_argument('--checkpoint-every', type=float, default=60, metavar='SECONDS',
                    help='least time between two checkpoints (one is always written at the end of each phase)')
-    args = p.parse_args(argv)
-    take_pretrained_shape(args)
+    return p
+
+
+def check_args(args):
+    """Every argument that can be checked before any work, each a one-line error."""
     check_arch(args)
-    names = [spec.partition('=')[0] for spec in args.cost]
-    args.budget_parsed = parse_budget(args.budget, BUILT_IN + names)
+    parse_budget(args.budget, cost_names(args))  # checked now; the pipeline parses it again
     for name in ('latency_batch', 'speed_batch'):
         if (getattr(args, name) or 1) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1")
@@ -1624,9 +1779,6 @@ def parse_args(argv):
         except ImportError:
             fail('--tensorboard needs the tensorboard package (pip install tensorboard); metrics.csv has the same '
                  'scalars without it')
-    args.out = args.out or os.path.join('runs', f"{args.arch}-{args.budget}".replace(':', '-').replace(
-        '=', '').replace(',', '-'))
-    return args
 
 
 def check_arch(args):
@@ -1716,10 +1868,10 @@ def get_device(name, flag):
     return device
 
 
-def build_costs(net, args):
-    """Every budgeted cost of `net` (a `Network`) as a black box C(widths) -> fraction of the dense network, in the
-    budget's order, with the dense network's own value of each (for absolute budgets and the report)."""
-    names = list(args.budget_parsed)
+def build_costs(net, args, names):
+    """Every cost of `net` (a `Prunable`) that the budget `names`, as a black box C(widths) -> fraction of the dense
+    network, in the budget's order, with the dense network's own value of each (for absolute budgets and the
+    report): params and macs (exact), latency (measured) and the --cost files."""
     costs = net.costs([n for n in names if n in COSTS])
     dense = dict(zip(COSTS, count(net.plain, net.input_shape)))
     for spec in args.cost:
@@ -1727,7 +1879,7 @@ def build_costs(net, args):
         costs[name], dense[name] = cost, cost.dense
     if 'latency' in names:
         costs['latency'] = latency_cost(net, args)
-        dense['latency'] = costs['latency'].dense_ms
+        dense['latency'] = costs['latency'].dense
     return {n: costs[n] for n in names}, dense
 
 
@@ -1741,48 +1893,6 @@ def load_dense(path, model):
     return {k: torch.tensor(ckpt[k]) for k in ('mean', 'std') if ckpt.get(k) is not None}
 
 
-class Network:
-    """The network the command line prunes, and what the pipeline asks of it, for the built-in networks of Units;
-    crl_tp.TracedNetwork answers the same for a torchvision model (--arch torchvision:NAME)."""
-
-    def __init__(self, arch, width, classes, input_shape=(3, 32, 32)):
-        self.arch, self.classes, self.input_shape = arch, classes, tuple(input_shape)
-        self.model = build(arch, dense_widths(arch, width), classes)  # what the loops train: forward(x, masks)
-        self.plain = self.model  # the dense network as a plain module: saved, counted, timed
-        self.widths, self.names = group_widths(self.model), group_names(self.model)
-
-    def costs(self, names):
-        return make_costs(self.model, names, self.input_shape)
-
-    def compact(self, masks):
-        return compact(self.model, masks)
-
-    def shrink(self, widths):
-        return shrink(self.model, widths)
-
-    def fresh(self, widths):
-        """A randomly initialised network of these widths (--reinit)."""
-        return build(self.arch, widths, self.classes)
-
-    def latency_table(self, numerics, batch):
-        return build_latency_table(self.model, numerics, batch, self.input_shape)
-
-    def latency(self, table, numerics):
-        return Latency(table, numerics)
-
-
-def is_known(arch):
-    return arch in ARCHS or str(arch).startswith('torchvision:')
-
-
-def network(arch, width, classes, input_shape=(3, 32, 32)):
-    """A `Network`; for --arch torchvision:NAME, crl_tp's (which needs torch-pruning)."""
-    if str(arch).startswith('torchvision:'):
-        import crl_tp
-        return crl_tp.TracedNetwork(arch, classes, input_shape)
-    return Network(arch, width, classes, input_shape)
-
-
 RUN_FILES = ('results.json', 'dense.pt', 'pruned.pt', 'checkpoint.pt', 'metrics.csv', 'policy.pt', 'tensorboard')
 EXPORTS = ('pruned.onnx', 'pruned.pt2', 'pruned.json')  # what --export may write into the run folder
 
@@ -1792,11 +1902,10 @@ class Pipeline:
     `finetune`, `report`, `export`); a resumed run skips what its checkpoint holds."""
 
     def __init__(self, args):
-        """Every check that needs no data: device, output folder, the network, its costs, the budget's feasibility."""
+        """Every check that needs no data: device, output folder, the network, its costs, the budget's feasibility
+        (stage 1)."""
         self.args, self.path = args, lambda name: os.path.join(args.out, name)
         self.device = get_device(args.device, '--device')
-        args.latency_device_t = get_device(args.latency_device, '--latency-device') if args.latency_device else \
-            self.device
         self.numerics = Numerics(self.device, args.bf16, args.channels_last)
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             fail(f"--out {args.out} is a file; choose a directory")
@@ -1807,8 +1916,6 @@ class Pipeline:
                  if os.path.exists(self.path('checkpoint.pt')) else ';') + " pass --overwrite to replace them or "
                  "choose another --out")
         self.checkpoint = Checkpoint(args)
-        if args.resume and args.latency_table is None and 'latency' in args.budget_parsed:
-            args.latency_table = self.path('latency_table.pt')  # the table the interrupted run used
         classes = len(image_folder_splits(args.data)[2]) if args.data else {'cifar10': 10, 'cifar100': 100}[
             args.dataset]
         torch.manual_seed(args.seed)
@@ -1817,23 +1924,14 @@ class Pipeline:
         self.input_shape = (3, 32, 32)  # the loader resizes every image to 32x32
         self.net = network(args.arch, args.width, classes, self.input_shape)
         self.model = self.net.model
-        for name, why in getattr(self.model, 'skipped', {}).items():  # crl_tp's: groups it cannot prune
-            print(f"{args.arch}: the channels of {name} stay ({why})")
+        for note in self.net.notes:
+            print(f"{args.arch}: {note}")
         self.stats = load_dense(args.pretrained, self.net.plain) if args.pretrained else {}
-        self.costs, self.dense_cost = build_costs(self.net, args)
-        self.fractions = resolve_budget(args.budget_parsed, self.dense_cost)
-        self.budget = torch.tensor(list(self.fractions.values()), dtype=torch.float64)
+        budget = parse_budget(args.budget, cost_names(args))
+        costs, self.dense_cost = build_costs(self.net, args, list(budget))
+        self.fractions = resolve_budget(budget, self.dense_cost)  # {name: fraction of the dense network}
         self.multiple = args.channel_multiple or (8 if self.device.type == 'cuda' else 1)
-        others = {n: b for n, b in self.fractions.items() if n != 'latency'}
-        if others:
-            checked_budget(others, self.costs, self.net.widths, self.multiple)
-        if 'latency' in self.costs:  # timed, not predicted: a poor prediction must not call a budget infeasible
-            widths = self.net.widths
-            smallest = self.net.shrink(rounded(widths, [1] * len(widths), self.multiple).tolist())
-            (small_ms, dense_ms), _ = self.costs['latency'].measure_ms(smallest, self.net.plain)
-            if small_ms / dense_ms > self.fractions['latency']:
-                fail(f"--budget {args.budget}: infeasible, even {self.multiple} channel(s) per group take "
-                     f"{small_ms / dense_ms:.3f} of the dense latency, timed")
+        self.costs, self.budget = checked_budget(self.fractions, costs, self.net, self.multiple)  # stage 1
 
     def callbacks(self, phase, total_steps):
         """Progress lines and metrics.csv rows, then checkpoints, as one callback of Part I's loops."""
@@ -1889,8 +1987,8 @@ class Pipeline:
         print(f"dense accuracy {self.report['dense_accuracy']:.4f}")
 
     def prune(self):
-        """Phase 2: CRL learns the keep-probabilities under the budget while the weights adapt; then the final mask
-        (under a latency budget: found by timing the compact networks), compaction and BN recalibration."""
+        """Phase 2: CRL learns the keep-probabilities under the budget while the weights adapt (stage 2); then the
+        final mask, compaction and BN recalibration (stage 3)."""
         a, report, numerics = self.args, self.report, self.numerics
         if self.checkpoint.reached('finetune'):  # resumed while fine-tuning: `train` restores the weights
             self.small = numerics.place(self.net.shrink(report['widths']))
@@ -1912,17 +2010,13 @@ class Pipeline:
         report['keep_probability_mean'] = torch.sigmoid(policy.theta).mean().item()
         expected = policy.kept(torch.sigmoid(policy.theta.detach())[None])  # the policy's mean widths
         report['expected_cost'] = {n: c(expected).item() for n, c in self.costs.items()}
-        if 'latency' in self.costs:
-            mask, report['latency_measured'] = fit_latency(self.net.plain, policy, self.costs, budget,
-                                                           self.multiple, self.net.compact)
-        else:
-            mask = final_mask(policy, self.costs, budget, self.multiple)
+        small, mask = final_network(self.net, policy, self.costs, budget, self.multiple,
+                                    Batches(self.data, 'train', a.batch_size, train=True), numerics.bf16)
+        report['measured'] = {n: c.final for n, c in self.costs.items() if hasattr(c, 'measure')}
         report['widths'] = policy.kept(mask[None])[0].tolist()
-        small = self.net.compact(policy.split(mask))
         if a.reinit:  # keep the widths CRL found, train them from random initialisation (Liu et al., ICLR 2019)
             small = self.net.fresh(report['widths'])
         self.small = numerics.place(small)
-        recalibrate_bn(self.small, Batches(self.data, 'train', a.batch_size, train=True), bf16=numerics.bf16)
         report['accuracy_before_finetune'] = evaluate(self.small, self.data)
         self.metrics.test_accuracy('prune', report['accuracy_before_finetune'])
         print(f"compact network kept {report['widths']}; accuracy before fine-tuning "
@@ -1949,9 +2043,8 @@ class Pipeline:
         (dp, dm), (pp, pm) = count(net.plain, self.input_shape), count(small, self.input_shape)
         fractions = {'params': pp / dp, 'macs': pm / dm}  # counted on the compact network itself
         kept = torch.tensor([report['widths']])
-        fractions.update({n: c(kept).item() for n, c in self.costs.items() if n not in BUILT_IN})  # user costs
-        if 'latency' in self.costs:
-            fractions['latency'] = report['latency_measured']['pruned_ms'] / report['latency_measured']['dense_ms']
+        fractions.update({n: c(kept).item() for n, c in self.costs.items() if n not in COSTS})  # user costs...
+        fractions.update({n: m['fraction'] for n, m in report['measured'].items()})  # ... measured ones as measured
         results = {
             'arch': a.arch, 'width': a.width, 'data': a.data or a.dataset, 'device': str(self.device),
             'budget': self.fractions,
@@ -1968,23 +2061,11 @@ class Pipeline:
             'multipliers': report['multipliers'], 'time_s': report['time_s'],
             'images_per_s': {phase: s['images_per_s'] for phase, s in report['speed'].items()},
             'overhead_s': {phase: s['overhead_s'] for phase, s in report['speed'].items()},
-            'args': {k: v for k, v in vars(a).items() if k not in DERIVED_ARGS},
+            'args': vars(a),
         }
-        if 'latency' in self.costs:
-            lat, measured = self.costs['latency'], report['latency_measured']
-            results['latency'] = {
-                **lat.numerics.describe(), 'device': lat.table['meta']['device'], 'batch': a.latency_batch,
-                'table_build_s': lat.build_s, 'fit': lat.table.get('fit'),
-                'dense_measured_ms': measured['dense_ms'], 'dense_predicted_ms': lat.dense_predicted_ms,
-                'pruned_measured_ms': measured['pruned_ms'], 'pruned_predicted_ms': lat.predict_ms(kept).item(),
-                'budget_used': fractions['latency'] / self.fractions['latency'], 'scatter': measured['scatter'],
-                'noisy': measured['scatter'] > 0.25, 'networks_timed': measured['timings']}
-            r = results['latency']
-            print(f"latency on {r['device']}, batch {a.latency_batch}, timed in turns: dense "
-                  f"{r['dense_measured_ms']:.3f} ms, pruned {r['pruned_measured_ms']:.3f} ms "
-                  f"({fractions['latency']:.3f} of dense, budget {self.fractions['latency']:.3f}, "
-                  f"{100 * r['budget_used']:.0f}% used); predicted {r['pruned_predicted_ms']:.3f} ms"
-                  + ('; the timings scattered widely (busy machine?)' if r['noisy'] else ''))
+        for name, measured in report['measured'].items():  # what a measured cost records of the final network
+            results[name], line = self.costs[name].results(measured, kept, self.fractions[name])
+            print(line)
         if a.speed:
             batch = a.speed_batch or (512 if self.device.type == 'cuda' else 64)
             results['speed'] = inference_speed(net.plain, small, self.numerics, self.input_shape, (1, batch),

@@ -15,7 +15,8 @@ mask, the loops. This module adds what a traced network needs:
   2. costs          parameters and MACs of any kept widths, exactly: every tensor's sizes as affine functions of the
                     widths, read off by removing one channel of each group, so the counts are quadratic forms;
                     latency predicted from MACs and activations fit to timed networks (the final mask is timed)
-  3. TracedNetwork  what crl_prune's command line asks of the network it prunes (--arch torchvision:NAME)
+  3. TracedNetwork  crl_prune.Prunable for a traced network: what the method's stages and the command line ask of a
+                    network (--arch torchvision:NAME; crl_prune reaches this module through crl_prune.plugin alone)
   4. prune_network  the library call, and save_pruned (crl_prune.load_pruned loads, given the dense network)
 """
 import copy
@@ -165,9 +166,6 @@ class Traced(nn.Module):
                 remove_channels(graph, modules[name], drop)
         return small
 
-    def shrink(self, widths):
-        """The model cut to `widths` channels per group (the first ones)."""
-        return self.compact([torch.arange(w) < k for w, k in zip(self.widths, widths)])
 
 
 # --- 2. Costs: every tensor's sizes as affine functions of the kept widths -------------------------------------------
@@ -264,9 +262,10 @@ def build(arch, classes, input_shape):
     return model
 
 
-class TracedNetwork:
-    """What crl_prune's pipeline asks of the network it prunes (crl_prune.Network's interface), for a torchvision
-    model (`arch` torchvision:NAME) or any `model` given."""
+class TracedNetwork(crl.Prunable):
+    """crl_prune.Prunable for a torchvision model (`arch` torchvision:NAME) or any `model` given: what the method's
+    stages and crl_prune's command line ask of the network they prune. `model` is the `Traced` network (masks by
+    hooks), `plain` the unmodified one; shrinking and fresh copies are Prunable's own, through `compact`."""
 
     def __init__(self, arch, classes, input_shape, model=None, ignored=()):
         self.arch, self.classes, self.input_shape = arch, classes, tuple(input_shape)
@@ -279,6 +278,7 @@ class TracedNetwork:
             raise crl.CRLError(f"{type(self.plain).__name__} cannot be pruned through its traced channel groups "
                                f"({type(e).__name__}: {crl.first_line(e)})") from None
         self.widths, self.names = self.model.widths, self.model.names
+        self.notes = [f"the channels of {name} stay ({why})" for name, why in self.model.skipped.items()]
 
     @functools.cached_property
     def forms(self):
@@ -291,21 +291,10 @@ class TracedNetwork:
                                f"({type(e).__name__}: {crl.first_line(e)})") from None
 
     def costs(self, names):
-        return make_costs(self.model, names, self.forms)
+        return make_costs(self.model, names, self.forms) if names else {}
 
     def compact(self, masks):
         return self.model.compact(masks)
-
-    def shrink(self, widths):
-        return self.model.shrink(widths)
-
-    def fresh(self, widths):
-        """A randomly initialised network of these widths (--reinit)."""
-        small = self.shrink(widths)
-        for m in small.modules():
-            if hasattr(m, 'reset_parameters'):
-                m.reset_parameters()
-        return small
 
     def latency_table(self, numerics, batch):
         """Whole networks at `crl_prune.calibration_widths` timed in turns, and the fit of `FittedLatency`."""
@@ -327,10 +316,9 @@ def prune_network(model, batches, budget, *, example=None, ignored=(), costs=Non
     of `batches`); `ignored`: layers whose output channels must stay (the classifier's always do); the other
     arguments are crl_prune.prune_network's. Returns the compact network, a copy of `model` with channels removed
     (`model` keeps its shape, not its weights: they trained while pruning)."""
-    traced = Traced(model, next(iter(batches))[0][:1] if example is None else example, ignored)
-    costs = {**make_costs(traced, [n for n in budget if n in crl.COSTS]), **(costs or {})}
-    return crl.prune_network(traced, batches, budget, costs=costs, widths=traced.widths, compact_of=traced.compact,
-                             **options)
+    shape = (next(iter(batches))[0] if example is None else example).shape[1:]
+    net = TracedNetwork(getattr(model, 'arch', None), getattr(model, 'num_classes', None), shape, model, ignored)
+    return crl.prune_network(net, batches, budget, costs=costs, **options)
 
 
 def save_pruned(small, path, model, input_shape=(3, 32, 32), **info):

@@ -32,7 +32,7 @@ def main():
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args()
     numerics = crl.Numerics(torch.device(args.device), args.bf16, args.channels_last)
-    net = crl.Network(args.arch, args.width, 10)
+    net = crl.network(args.arch, args.width, 10)
     model = net.model
     t0 = time.time()
     table = crl.latency_table(net, numerics, args.batch)
@@ -53,7 +53,7 @@ def main():
         keep = torch.rand(len(dense), generator=g) * 0.95 + 0.05
         widths = (dense * keep).round().clamp(min=1).long()
         predicted = cost.predict_ms(widths[None]).item()
-        (measured,), _ = cost.measure_ms(crl.shrink(model, widths.tolist()))
+        (measured,), _ = cost.measurements(crl.Prunable(model).shrink(widths.tolist()))
         errors.append((predicted - measured) / measured)
         print(f"| {predicted:.3f} | {measured:.3f} | {100 * errors[-1]:+.1f}% | "
               f"{' '.join(map(str, widths.tolist()))} |", flush=True)

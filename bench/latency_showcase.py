@@ -67,7 +67,7 @@ def main():
     width = args.width
     while width > 0.01:
         uniform = crl.build(args.arch, crl.dense_widths(args.arch, width), reference.num_classes)
-        (small_ms, dense_ms), _ = cost.measure_ms(uniform, reference)
+        (small_ms, dense_ms), _ = cost.measurements(uniform, reference)
         if small_ms / dense_ms <= args.latency:
             break
         width *= 0.97
@@ -80,7 +80,7 @@ def main():
     folders = ['crl-latency', 'crl-params-equal', 'crl-params-tuned', 'uniform']
     nets = [crl.load_pruned(os.path.join(args.out, f, 'dense.pt' if f == 'uniform' else 'pruned.pt'))[0]
             for f in folders]
-    together, _ = cost.measure_ms(reference, *nets, rounds=args.rounds)
+    together, _ = cost.measurements(reference, *nets, rounds=args.rounds)
 
     print(f"\n{args.arch} width {args.width}, latency on {meta['meta']['device']} at batch {args.latency_batch}, "
           f"budget {args.latency} of the dense network; dense {meta['dense_ms']:.3f} ms when its table was built, "

@@ -166,7 +166,7 @@ def main():
         print('|---|---|---|---|---|---|---|---|---|')
         for arch in args.archs:
             model = dense_model(arch, args, numerics).eval()
-            small = crl.shrink(model, compact_widths(model, args.budget))
+            small = crl.Prunable(model).shrink(compact_widths(model, args.budget))
             for r in crl.inference_speed(model, small, numerics, (3, 32, 32), (1, batch), args.modes.split(',')):
                 print(f"| {arch} | {r['mode']} | {r['batch']} | {r['dense_ms']:.3f} | {r['pruned_ms']:.3f} | "
                       f"{r['speedup']:.2f}x | {r['macs_ratio']:.2f}x | {r['speedup'] / r['macs_ratio']:.2f} | "
@@ -184,7 +184,7 @@ def main():
             first = {}
             for multiple in args.multiples:
                 nearest = [min(d, max(multiple, round(w / multiple) * multiple)) for w, d in zip(widths, dense)]
-                small = crl.shrink(model, nearest)
+                small = crl.Prunable(model).shrink(nearest)
                 macs = crl.count(small)[1]
                 for mode in args.multiple_modes.split(','):
                     net = crl.runner(small, mode, numerics, (3, 32, 32))
