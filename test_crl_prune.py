@@ -17,6 +17,22 @@ import crl_prune as crl
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# The command line's tiny runs: VGG11 at width 1/16 on a folder of 36 training images (write_image_folder), batch 12,
+# one epoch a phase, 2 masks a step.
+TINY = ['--arch', 'vgg11', '--width', '0.0625', '--dense-epochs', '1', '--prune-epochs', '1',
+        '--finetune-epochs', '1', '--batch-size', '12', '--samples', '2', '--log-every', '1']
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return write_image_folder(tmp_path / 'data')
+
+
+def tiny_run(data, out, *args):
+    """`python crl_prune.py` with the TINY settings on the image folder `data`, into `out`: its results."""
+    return crl.main([*TINY, '--data', str(data), '--out', str(out), *args])
+
+
 def randomise_bn(model):
     """BN with non-trivial statistics and affine parameters, so that compaction must copy them right."""
     for m in model.modules():
@@ -33,7 +49,7 @@ def random_mask(policy, keep=0.5):
     return torch.maximum((torch.rand(sum(policy.widths)) < keep).float(), crl.keep_top(policy, [1] * len(policy.widths)))
 
 
-# --- 1. models with channel masks --------------------------------------------------------------------------------------
+# --- Part I, 1-2. Masked networks and the two worked examples ---------------------------------------------------------
 
 @pytest.mark.parametrize('arch', ['vgg11', 'resnet18'])
 def test_masks_zero_exactly_the_masked_channels(arch):
@@ -103,7 +119,17 @@ def test_resnet_residual_sums_share_one_group():
     assert sorted({b.conv1.out for b in model.blocks}) == list(range(4, 12))
 
 
-# --- 2. costs ----------------------------------------------------------------------------------------------------------
+def test_per_slice_batch_norm_moves_the_running_variance_towards_the_unbiased_one():
+    torch.manual_seed(14)
+    bn = nn.BatchNorm2d(3, momentum=1.0).train()
+    y = torch.randn(4 * 5, 3, 2, 2)
+    crl.batch_norm_per_slice(bn, y, 4)
+    slices = y.view(4, 5, 3, 2, 2)
+    torch.testing.assert_close(bn.running_var, slices.var((1, 3, 4), correction=1).mean(0))
+    torch.testing.assert_close(bn.running_mean, slices.mean((1, 3, 4)).mean(0))
+
+
+# --- Part I, 3. Costs -------------------------------------------------------------------------------------------------
 
 def test_dense_counts_match_the_published_figures():
     vgg = crl.build('vgg16', crl.dense_widths('vgg16'), 10)
@@ -141,7 +167,7 @@ def test_costs_equal_counts_on_the_compact_network(arch):
     assert costs['params'](full).item() == 1.0 and costs['macs'](full).item() == 1.0
 
 
-# --- 3-5. policy, REINFORCE, dual step ----------------------------------------------------------------------------------
+# --- Part I, 4-6. The policy, REINFORCE, the dual step ----------------------------------------------------------------
 
 def test_dual_step_raises_over_budget_and_falls_to_zero_under():
     budget = torch.tensor([0.2], dtype=torch.float64)
@@ -173,6 +199,24 @@ def test_reinforce_learns_which_channels_pay():
     assert (p[value > 0] > 0.9).all() and (p[value < 0] < 0.1).all()
 
 
+def test_reinforce_baseline_is_the_mean_of_the_other_masks():
+    """The gradient of reinforce_loss is -1/K sum_k (L_k - b_k) grad log pi(m_k) with b_k the mean Lagrangian of
+    the other K-1 masks (leave-one-out: unbiased, and lower variance than no baseline)."""
+    torch.manual_seed(16)
+    policy = crl.Policy([5, 3], 0.5)
+    policy.theta.data.normal_()
+    masks, reward = policy.sample(6), torch.randn(6)
+    cost, budget, lam = torch.rand(6, 2).double(), torch.tensor([0.3, 0.5]).double(), torch.tensor([2.0, 0.5]).double()
+    crl.reinforce_loss(policy, masks, reward, cost, budget, lam).backward()
+    lagrangian = reward.double() - (cost - budget) @ lam
+    expected = torch.zeros_like(policy.theta)
+    for k in range(6):
+        baseline = (lagrangian.sum() - lagrangian[k]) / 5
+        score = torch.autograd.grad(policy.log_prob(masks[k:k + 1]).sum(), policy.theta)[0]
+        expected -= (lagrangian[k] - baseline).float() * score / 6
+    torch.testing.assert_close(policy.theta.grad, expected)
+
+
 def test_lagrangian_meets_a_budget_with_the_most_valuable_channels():
     """Every channel is worth keeping, some more than others, but only 30% may be kept: the multiplier must rise
     until the expected cost sits at the budget, and the kept channels must be the valuable ones."""
@@ -199,7 +243,7 @@ def test_lagrangian_meets_a_budget_with_the_most_valuable_channels():
     assert kept.sum() == 6 and kept[-6:].sum() >= 5  # the budget is used, mostly by the most valuable channels
 
 
-# --- 6. final mask ------------------------------------------------------------------------------------------------------
+# --- Part I, 7-8. The pruning loop on a toy task; the final mask ------------------------------------------------------
 
 class SignalToy(nn.Module):
     """One group of 8 channels: channel c passes one colour plane's mean to a linear classifier. Channels 0 and 1
@@ -228,26 +272,47 @@ def signal_data(n=512):
             'std': x.float().std((0, 2, 3)) / 255, 'numerics': crl.Numerics(torch.device('cpu'))}
 
 
+class Shuffled:
+    """What Part I's loops take: a re-iterable of (images, labels) batches with a len; here `steps` batches of
+    `size` images of (x, y), reshuffled every pass."""
+
+    def __init__(self, x, y, size, steps):
+        self.x, self.y, self.size, self.steps = x, y, size, steps
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        order = torch.randperm(len(self.y))
+        for b in range(self.steps):
+            yield self.x[order[b * self.size:(b + 1) * self.size]], self.y[order[b * self.size:(b + 1) * self.size]]
+
+
+def signal_images(n=512):
+    """signal_data's images normalised, and their labels: Part I's input, without Part II's data path."""
+    data = signal_data(n)
+    x, y = data['train']
+    return (x.float() / 255 - data['mean'].view(1, 3, 1, 1)) / data['std'].view(1, 3, 1, 1), y
+
+
 def test_pruning_phase_keeps_the_channels_that_carry_the_signal():
     """The whole pruning loop (pruning_step, REINFORCE, the policy's optimiser, the dual step, the weights' SGD) on a
     task where two of eight channels carry the label and the budget allows a quarter of them: the policy must keep a
     signal channel, the multiplier must push the noise channels out, and the weights must learn the task."""
     torch.manual_seed(0)
-    model, data, policy = SignalToy(), signal_data(), crl.Policy([8], 0.9)
+    (x, y), model, policy = signal_images(), SignalToy(), crl.Policy([8], 0.9)
     costs = {'share': lambda kept: kept[:, 0].double() / 8}
     budget = torch.tensor([0.25], dtype=torch.float64)
     lams = []
     real_dual_step = crl.dual_step
     with pytest.MonkeyPatch.context() as mp:  # record the multiplier at every step
         mp.setattr(crl, 'dual_step', lambda *a: lams.append(real_dual_step(*a)[1].item()) or real_dual_step(*a))
-        crl.prune(model, costs, budget, crl.Batches(data, 'train', 8, train=True, steps=8), 30, samples=8,
-                  policy=policy)
+        crl.prune(model, costs, budget, Shuffled(x, y, 8, steps=8), 30, samples=8, policy=policy)
     p = torch.sigmoid(policy.theta.detach())
     assert p[:2].max() > 0.9 and p[2:].max() < 0.5, p
     assert max(lams[:20]) > 0 and len(lams) == 30 * 8  # over budget at first: the multiplier rises, every step
     assert crl.final_mask(policy, costs, budget)[:2].sum() >= 1
     model.eval()
-    x, y = next(iter(crl.Batches(data, 'test', 512, train=False)))
     assert (model(x, [torch.tensor([[1., 1, 0, 0, 0, 0, 0, 0]])]).argmax(1) == y).float().mean() > 0.95
 
 
@@ -309,7 +374,258 @@ def test_final_mask_rejects_an_infeasible_budget():
         crl.final_mask(crl.Policy(crl.group_widths(model), 0.5), costs, torch.tensor([1e-5], dtype=torch.float64))
 
 
-# --- 8. data -------------------------------------------------------------------------------------------------------------
+# --- Part I, 7. The loops in a GPU's settings (bf16, channels_last), run on the CPU -----------------------------------
+
+@pytest.mark.parametrize('arch', ['vgg11', 'resnet18'])
+def test_pruning_step_in_bf16_and_channels_last(arch):
+    """The settings a GPU run uses (bf16 autocast, channels_last), forced on the CPU: the images stay channels_last,
+    each mask is applied exactly, the losses are finite float32, the costs exact float64, and the compact network
+    gives the masked network's outputs within bf16 tolerance."""
+    torch.manual_seed(0)
+    model = randomise_bn(crl.build(arch, crl.dense_widths(arch, 0.125), 10)).to(memory_format=torch.channels_last)
+    policy = crl.Policy(crl.group_widths(model), 0.5)
+    costs = crl.make_costs(model, ['params', 'macs'])
+    x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (3,))
+    seen = {}
+    first = crl.units(model)[0]
+    first.layer.register_forward_hook(lambda m, i, o: seen.update(x=i[0], dtype=o.dtype))
+    last = {}
+    for u in crl.units(model):
+        if u.out is not None:
+            u.register_forward_hook(lambda m, i, o: last.update({m: o}))
+    numerics = crl.Numerics(torch.device('cpu'), 'on', 'on')
+    assert (numerics.device, numerics.bf16, numerics.channels_last) == (torch.device('cpu'), True, True)
+    opt_w, opt_p = torch.optim.SGD(model.parameters(), 0.01), torch.optim.Adam(policy.parameters(), 0.1)
+    budget, lam = torch.tensor([0.5, 0.5]).double(), torch.ones(2).double()
+    before = [p.detach().clone() for p in (first.layer.weight, policy.theta)]
+    loss, logits, cost = crl.pruning_step(model, policy, costs, budget, lam, x, y, opt_w, opt_p, 4, bf16=True)
+    assert seen['x'].is_contiguous(memory_format=torch.channels_last) and seen['dtype'] == torch.bfloat16
+    assert torch.equal(seen['x'][3:6].float(), x) and len(seen['x']) == 12  # slice k holds the batch, unchanged
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and logits.shape == (12, 10)
+    assert cost.dtype == torch.float64 and cost.shape == (4, 2)
+    assert all(not torch.equal(b, p) for b, p in zip(before, (first.layer.weight, policy.theta)))  # both stepped
+    assert lam.tolist() == [1.0, 1.0]  # the step reads the multipliers; the loop's dual step updates them
+    # which mask was applied to which slice is not returned: recover it from the outputs, zero exactly where masked
+    for u, o in last.items():
+        on = (o.float().reshape(12, o.shape[1], -1).abs().sum(-1) > 0).view(4, 3, -1)
+        assert (on == on[:, :1]).all()  # one mask per slice of three images
+    # the compact network equals the masked one, in bf16
+    mask = random_mask(policy)
+    small = crl.compact(model, policy.split(mask)).to(memory_format=torch.channels_last)
+    model.eval(), small.eval()
+    with numerics.autocast():
+        masked = model(x, [g[None] for g in policy.split(mask)]).float()
+        compact = small(x).float()
+    torch.testing.assert_close(compact, masked, rtol=0.05, atol=0.05 * masked.abs().max().item())
+
+
+def test_kept_widths_and_costs_are_exact_for_many_masks():
+    torch.manual_seed(3)
+    model = crl.build('resnet18', crl.dense_widths('resnet18', 0.25), 10)
+    policy = crl.Policy(crl.group_widths(model), 0.5)
+    masks = policy.sample(64)
+    kept = policy.kept(masks)
+    assert kept.dtype == torch.long
+    assert kept.tolist() == [[int(g.sum()) for g in policy.split(m)] for m in masks]
+    # the matrix form of the costs against a direct count of the compact networks
+    costs = crl.make_costs(model, ['params', 'macs'])
+    dense = crl.count(model)
+    for i in (0, 17, 63):
+        counts = crl.count(crl.build('resnet18', kept[i].tolist(), 10))
+        assert [costs[c](kept[i:i + 1]).item() * d for c, d in zip(costs, dense)] == pytest.approx(counts, rel=1e-12)
+
+
+def test_compile_starts_every_run_from_a_fresh_dynamo_cache(tmp_path, tiny, monkeypatch):
+    """bench/compare.py calls main() many times in one process: each run with --compile resets Dynamo, so the
+    recompile limit is never reached (and the run never silently falls back to eager mode)."""
+    calls = []
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: calls.append('compile') or model)
+    monkeypatch.setattr(torch._dynamo, 'reset', lambda: calls.append('reset'))
+    for run in range(2):
+        tiny_run(tiny, tmp_path / str(run), '--compile')
+    assert calls == ['reset', 'compile', 'compile', 'compile'] * 2
+
+
+def test_end_to_end_tiny_run_in_bf16_and_channels_last(tmp_path, tiny):
+    out = tmp_path / 'out'
+    r = tiny_run(tiny, out, '--budget', 'params=0.4', '--bf16', 'on',
+                  '--channels-last', 'on', '--speed', 'eager')
+    assert r['budget_met'] and r['pruned']['params'] <= 0.4 * r['dense']['params']
+    assert all(math.isfinite(r['pruned'][k]) for k in ('accuracy', 'accuracy_before_finetune'))
+    assert set(r['images_per_s']) == set(r['overhead_s']) == {'dense', 'prune', 'finetune'}
+    assert all(v > 0 for v in r['images_per_s'].values()) and all(v >= 0 for v in r['overhead_s'].values())
+    small, _ = crl.load_pruned(out / 'pruned.pt')
+    assert sum(p.numel() for p in small.parameters()) == r['pruned']['params']
+
+
+# --- Part I, 9-10. Compaction and the library call: your own network (the README's example), depthwise convolutions
+
+def readme_block(first_line):
+    """The README's python code block whose first line is `first_line`."""
+    text = open(os.path.join(HERE, 'README.md')).read()
+    blocks = [b.split('```')[0] for b in text.split('```python\n')[1:]]
+    return next(b for b in blocks if b.startswith(first_line))
+
+
+@pytest.fixture(scope='module')
+def own_network(tmp_path_factory):
+    """The README's "Prune your own network" code, run as its user would: mynet.py prunes and saves, load_it.py
+    loads the saved network in a fresh interpreter."""
+    root = tmp_path_factory.mktemp('own')
+    env = {**os.environ, 'PYTHONPATH': HERE}
+    runs = {}
+    for name in ('mynet.py', 'load_it.py'):
+        (root / name).write_text(readme_block(f'# {name}'))
+        runs[name] = subprocess.run([sys.executable, name], capture_output=True, text=True, cwd=root, env=env)
+        assert runs[name].returncode == 0, runs[name].stderr
+    sys.path.insert(0, str(root))
+    try:
+        import mynet
+    finally:
+        sys.path.remove(str(root))
+    return root, mynet, runs
+
+
+def test_readme_example_prunes_its_own_network_within_budget_and_reloads_elsewhere(own_network):
+    root, mynet, runs = own_network
+    user_lines = [line for name in ('mynet.py', 'load_it.py') for line in (root / name).read_text().splitlines()
+                  if line.strip() and not line.strip().startswith('#')]
+    assert len(user_lines) <= 40
+    dense = mynet.MyNet()
+    small, info = crl.load_pruned(root / 'mynet_pruned.pt', model=mynet.MyNet())
+    (dp, dm), (sp, sm) = crl.count(dense), crl.count(small)
+    assert sp <= 0.3 * dp and sm <= 0.5 * dm  # the budget {'params': 0.3, 'macs': 0.5}, met by the saved network
+    assert info['widths'] == crl.group_widths(small) and info['group_names'] == ['stream', 'inner', 'wide']
+    printed = runs['mynet.py'].stdout.split('\n')[0]
+    assert printed == f"{info['widths']} {(sp, sm)}"  # the pruning process saw the network that was loaded
+    assert runs['load_it.py'].stdout.strip() == f"{info['widths']} torch.Size([1, 10])"
+    saved = torch.load(root / 'mynet_pruned.pt', weights_only=True)['state_dict']
+    assert all(torch.equal(saved[k], v) for k, v in small.state_dict().items())
+
+
+def test_own_network_costs_and_compaction_are_exact(own_network):
+    """Residual addition and depthwise convolution: the cost functions equal the counts of the compact network, and
+    the compact network computes what the masked one does."""
+    _, mynet, _ = own_network
+    torch.manual_seed(0)
+    model = randomise_bn(mynet.MyNet()).eval()
+    costs = crl.make_costs(model)
+    policy = crl.Policy(crl.group_widths(model), 0.5)
+    dense = crl.count(model)
+    x = torch.randn(3, 3, 32, 32)
+    for keep in (0.2, 0.5, 0.9):
+        mask = random_mask(policy, keep)
+        small = crl.compact(model, policy.split(mask))
+        kept = policy.kept(mask[None])
+        assert [costs[c](kept).item() * d for c, d in zip(costs, dense)] == pytest.approx(crl.count(small), rel=1e-12)
+        torch.testing.assert_close(small(x), model(x, [g[None] for g in policy.split(mask)]), rtol=1e-4, atol=1e-5)
+    assert small.dw.layer.groups == small.dw.layer.in_channels == small.dw.layer.out_channels == kept[0, 0]
+
+
+class TwoConvs(nn.Module):
+    """A plain conv on the image (never pruned), a Unit, then `tail` on the Unit's channels."""
+
+    def __init__(self, tail):
+        super().__init__()
+        self.head = nn.Conv2d(3, 3, 1)
+        self.unit = crl.Unit(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), None, 0)
+        self.tail = tail
+
+    def forward(self, x, masks=None):
+        return self.tail(F.relu(self.unit(self.head(x), masks))).mean((2, 3))
+
+
+def test_costs_count_layers_outside_units_and_refuse_ones_that_read_pruned_channels():
+    model = TwoConvs(crl.Unit(nn.Conv2d(8, 4, 1), nn.Identity(), 0, None))
+    costs, dense = crl.make_costs(model), crl.count(model)
+    for k in (1, 5, 8):
+        small = crl.Prunable(model).shrink([k])
+        assert [costs[c](torch.tensor([[k]])).item() * d for c, d in zip(costs, dense)] == pytest.approx(
+            crl.count(small), rel=1e-12)  # the plain head conv is a constant of both counts
+    with pytest.raises(crl.CRLError, match='outside the Units'):
+        crl.make_costs(TwoConvs(nn.Conv2d(8, 4, 1)))  # a plain conv reading group 0: compaction would break it
+
+
+def test_grouped_and_depthwise_convolutions_are_checked():
+    with pytest.raises(crl.CRLError, match='grouped convolution'):
+        crl.Unit(nn.Conv2d(8, 8, 3, groups=2), nn.BatchNorm2d(8), 0, 1)
+    with pytest.raises(crl.CRLError, match='one group'):
+        crl.Unit(nn.Conv2d(8, 8, 3, groups=8), nn.BatchNorm2d(8), 0, 1)
+    with pytest.raises(crl.CRLError, match='convolution or nn.Linear'):
+        crl.Unit(nn.ConvTranspose2d(8, 8, 3), nn.BatchNorm2d(8), 0, 1)
+    unit = crl.Unit(nn.Conv2d(8, 8, 3, groups=8), nn.BatchNorm2d(8), 0, 0)
+    assert unit.dim_groups(unit.layer.weight) == [(0, 0)]  # its weight's dim 1 (one input channel) is no group
+    with pytest.raises(crl.CRLError, match='group 0 has'):
+        crl.group_widths(nn.Sequential(crl.Unit(nn.Conv2d(3, 8, 3), nn.Identity(), None, 0),
+                                       crl.Unit(nn.Conv2d(4, 2, 3), nn.Identity(), 0, None)))
+
+
+def test_prune_network_refuses_bad_budgets_before_any_training():
+    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 3)
+    steps = []
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,)))]
+    for budget, message in [({'flops': 0.1}, 'no cost named'), ({'params': 1.5}, 'in \\(0, 1\\]'),
+                            ({'params': 1e-5}, 'infeasible'), ({}, 'no cost')]:
+        with pytest.raises(crl.CRLError, match=message):
+            crl.prune_network(model, batches, budget, callback=steps.append)
+    assert steps == []
+
+
+def test_prune_network_meets_a_users_cost_and_fine_tunes():
+    torch.manual_seed(0)
+    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 3)
+    data = signal_data(64)
+    batches = crl.Batches(data, 'train', 8, train=True)
+    energy = lambda w: (w.double() ** 2).sum(-1) / (torch.tensor(crl.group_widths(model)) ** 2).sum()  # noqa: E731
+    events = []
+    small = crl.prune_network(model, batches, {'energy': 0.3, 'params': 0.8}, costs={'energy': energy},
+                              prune_epochs=1, finetune_epochs=1, samples=4, callback=events.append)
+    assert energy(torch.tensor(crl.group_widths(small))).item() <= 0.3
+    assert crl.count(small)[0] <= 0.8 * crl.count(model)[0]
+    assert [(e['phase'], e['step']) for e in events] == [(p, s) for p in ('prune', 'finetune') for s in
+                                                         [*range(1, 9), None]]
+    assert all(e['cost'].shape == (4, 2) for e in events if e['phase'] == 'prune' and e['step'])
+
+
+def test_training_ends_with_the_statistics_of_the_final_weights():
+    """A short phase leaves BN's running averages far from the final network's statistics: `train` measures them
+    afresh at its end."""
+    torch.manual_seed(8)
+    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 2)
+    first = crl.units(model)[0]
+    with torch.no_grad():
+        first.layer.weight.mul_(5)  # outputs of variance far from BN's initial running variance of 1
+    data = signal_data(64)
+    crl.train(model, crl.Batches(data, 'train', 32, train=True), 1, 1e-4)
+    x = torch.cat([xb for xb, _ in crl.Batches(data, 'train', 64, train=False)])
+    with torch.no_grad():
+        out = first.layer(crl.augment(x))
+    torch.testing.assert_close(first.bn.running_mean, out.mean((0, 2, 3)), atol=0.1, rtol=0.05)
+    torch.testing.assert_close(first.bn.running_var, out.var((0, 2, 3)), atol=0.1, rtol=0.2)
+    assert out.var((0, 2, 3)).mean() > 5  # two steps of momentum 0.1 alone would have left it near 1
+
+
+@pytest.mark.parametrize('arch', ['vgg11', 'resnet18'])
+def test_folded_bn_computes_what_the_network_computes(arch):
+    torch.manual_seed(9)
+    model = randomise_bn(crl.build(arch, crl.dense_widths(arch, 0.125), 10)).eval()
+    folded = crl.fold_bn(model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())  # the original is kept
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_network_without_units_is_one_clear_error():
+    import torchvision
+    with pytest.raises(crl.CRLError, match='no crl_prune.Unit'):
+        crl.prune_network(torchvision.models.resnet18(num_classes=2), [(torch.randn(2, 3, 32, 32),
+                                                                        torch.zeros(2, dtype=torch.long))],
+                          {'params': 0.5})
+
+
+# --- Part II, 11. Data ------------------------------------------------------------------------------------------------
 
 def test_batches_are_normalised_with_the_training_statistics():
     data = signal_data(64)
@@ -343,6 +659,25 @@ def test_recalibrate_bn_measures_the_network_on_training_data():
         out = first.layer(crl.augment(x))
     torch.testing.assert_close(first.bn.running_mean, out.mean((0, 2, 3)), atol=0.05, rtol=0.05)
     torch.testing.assert_close(first.bn.running_var, out.var((0, 2, 3)), atol=0.05, rtol=0.1)
+
+
+def test_training_batches_are_augmented_and_test_batches_are_not():
+    """Batches for training are shifted and flipped windows of the normalised images (`augment`); test batches are
+    the normalised images themselves."""
+    torch.manual_seed(17)
+    data = signal_data(64)
+    plain = torch.cat([xb for xb, _ in crl.Batches(data, 'train', 16, train=False)])
+    x, y = data['train']
+    trained = list(crl.Batches(data, 'train', 16, train=True))
+    assert len(trained) == 4 and all(len(xb) == 16 for xb, _ in trained)
+    augmented = 0
+    for xb, yb in trained:
+        for a, label in zip(xb, yb):  # each training image is a window of some image of its class...
+            padded = [torch.nn.functional.pad(p, (4, 4, 4, 4)) for p, c in zip(plain, y) if c == label]
+            windows = [w[:, i:i + 32, j:j + 32] for w in padded for i in range(9) for j in range(9)]
+            assert any(torch.allclose(a, w) or torch.allclose(a, w.flip(-1)) for w in windows)
+            augmented += not any(torch.allclose(a, p) for p in plain)  # ... and most are not the image itself
+    assert augmented > 32
 
 
 def test_augment_is_a_shifted_possibly_flipped_window():
@@ -396,250 +731,219 @@ def test_download_failure_names_data(tmp_path, monkeypatch, capsys):
     assert '--data' in str(e.value) and '\n' not in str(e.value)
 
 
-# --- the GPU settings, run on the CPU ------------------------------------------------------------------------------------
+# --- Part II, 12. Networks: crl_tp.py, CRL on unmodified torchvision models through Torch-Pruning's groups ------------
 
-@pytest.mark.parametrize('arch', ['vgg11', 'resnet18'])
-def test_pruning_step_in_bf16_and_channels_last(arch):
-    """The settings a GPU run uses (bf16 autocast, channels_last), forced on the CPU: the images stay channels_last,
-    each mask is applied exactly, the losses are finite float32, the costs exact float64, and the compact network
-    gives the masked network's outputs within bf16 tolerance."""
-    torch.manual_seed(0)
-    model = randomise_bn(crl.build(arch, crl.dense_widths(arch, 0.125), 10)).to(memory_format=torch.channels_last)
+@pytest.fixture(scope='module')
+def crl_tp():
+    pytest.importorskip('torch_pruning', reason='torch-pruning is not installed (pip install -r requirements-extras.txt)')
+    import crl_tp
+    return crl_tp
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'mobilenet_v2', 'efficientnet_b0'])
+def test_traced_torchvision_costs_compaction_and_masks_are_exact(crl_tp, name):
+    """Residual additions (resnet18), depthwise convolutions (mobilenet_v2, efficientnet_b0), squeeze-excitation
+    (efficientnet_b0): the costs equal the counts of the compacted network, the compacted network computes what the
+    masked one does, a masked channel is exactly zero, and the classifier keeps its outputs."""
+    torch.manual_seed(11)
+    net = crl_tp.TracedNetwork(f'torchvision:{name}', 10, (3, 32, 32))
+    randomise_bn(net.plain)
+    costs = net.costs(['params', 'macs'])
+    dense = crl.count(net.plain)
+    policy = crl.Policy(net.widths, 0.5)
+    x = torch.randn(2, 3, 32, 32)
+    for keep in (0.3, 0.8):
+        mask = random_mask(policy, keep)
+        small = net.compact(policy.split(mask)).eval()
+        kept = policy.kept(mask[None])
+        assert [costs[c](kept).item() * d for c, d in zip(costs, dense)] == pytest.approx(crl.count(small), rel=1e-12)
+        net.model.eval()
+        with torch.no_grad():
+            masked = net.model(x, [g[None] for g in policy.split(mask)])
+            torch.testing.assert_close(small(x), masked, rtol=1e-4, atol=1e-4 * masked.abs().max().item())
+        assert small(x).shape == (2, 10)
+    assert not any(m._forward_hooks for m in net.plain.modules())  # the masks' hooks live only while they run
+    if name == 'resnet18':  # no dropout: in training, slice k of K masks is the compact network on its images alone
+        net.model.train()
+        mask = random_mask(policy)
+        small = net.compact(policy.split(mask)).train()
+        for other in (torch.ones(sum(net.widths)), random_mask(policy)):
+            out = net.model(torch.cat([x, x]), policy.split(torch.stack([mask, other])))[:2]
+            torch.testing.assert_close(out, small(x), rtol=1e-3, atol=1e-3)
+
+
+def test_traced_network_refuses_what_it_cannot_count_or_mask(crl_tp):
+    """RegNet's grouped convolutions: counts that do not follow the widths; ConvNeXt's LayerNorm across channels: a
+    masked channel still moves the statistics a removed one would not. Both refused when the costs are built."""
+    for name, message in [('regnet_x_400mf', 'counts'), ('convnext_tiny', 'other outputs')]:
+        with pytest.raises(crl.CRLError, match=message):
+            crl_tp.TracedNetwork(f'torchvision:{name}', 10, (3, 32, 32)).costs(['params'])
+
+
+def test_traced_prune_network_meets_the_budget_and_reloads(crl_tp, tmp_path):
+    import torchvision
+    torch.manual_seed(12)
+    model = torchvision.models.mobilenet_v2(num_classes=2)
+    data = signal_data(32)
+    batches = crl.Batches(data, 'train', 8, train=True)
+    small = crl_tp.prune_network(model, batches, {'params': 0.4, 'macs': 0.6}, prune_epochs=1, finetune_epochs=1,
+                                 samples=2)
+    (dp, dm), (sp, sm) = crl.count(model), crl.count(small)
+    assert sp <= 0.4 * dp and sm <= 0.6 * dm and type(small) is type(model)
+    crl_tp.save_pruned(small, tmp_path / 'small.pt', model)
+    assert not any(m._forward_hooks for m in model.modules())  # the user's model is left without hooks
+    code = ("import torch, torchvision, crl_prune; net, info = crl_prune.load_pruned('small.pt', "
+            "model=torchvision.models.mobilenet_v2(num_classes=2)); print(sum(p.numel() for p in net.parameters()))")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, 'PYTHONPATH': HERE})
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) == sp
+
+
+def test_command_line_prunes_a_torchvision_model(crl_tp, tmp_path, tiny):
+    out = tmp_path / 'out'
+    plain = [a for a in TINY if a not in ('--arch', 'vgg11', '--width', '0.0625')]
+    r = crl.main([*plain, '--arch', 'torchvision:mobilenet_v2', '--data', tiny, '--out', str(out),
+                  '--budget', 'params=0.5,latency=0.99', '--latency-batch', '4'])
+    assert r['pruned']['params'] <= 0.5 * r['dense']['params'] and r['budget_met'] and r['fractions']['latency'] <= 0.99
+    assert set(r['latency']['fit']) >= {'coef', 'r2', 'degenerate'} and r['latency']['networks_timed'] >= 1
+    assert len(r['channels']) == 25 and r['arch'] == 'torchvision:mobilenet_v2'
+    net, info = crl.load_pruned(out / 'pruned.pt')  # rebuilt from torchvision, cut, loaded: nothing registered
+    assert crl.count(net)[0] == r['pruned']['params'] and info['widths'] == list(r['channels'].values())
+    for args, message in [(['--arch', 'torchvision:nosuchnet'], 'no classification model'),
+                          (['--arch', 'torchvision:resnet18', '--width', '0.5'], 'built-in architectures')]:
+        with pytest.raises(SystemExit, match=message):
+            crl.main([*plain, *args, '--data', tiny, '--out', str(tmp_path / 'x')])
+
+
+def test_readme_torchvision_example_runs(crl_tp, tmp_path):
+    (tmp_path / 'prune_tv.py').write_text(readme_block('# prune_tv.py'))
+    r = subprocess.run([sys.executable, 'prune_tv.py'], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, 'PYTHONPATH': HERE})
+    assert r.returncode == 0, r.stderr
+    (dp, dm), (sp, sm) = [tuple(int(v) for v in part.strip('() ').split(',')) for part in r.stdout.strip().split(') (')]
+    assert sp <= 0.3 * dp and sm <= 0.5 * dm
+    assert (tmp_path / 'mobilenet_pruned.pt').exists()
+
+
+# --- Part II, 13. Measured costs: latency, the final mask found by measuring, the fit checked -------------------------
+
+class TimedByMACs(crl.MeasuredCost):
+    """A measured cost whose 'measurement' is the MAC count of the network measured (deterministic) and whose
+    prediction is off by `error` (2: predicts twice the truth, so the predicted choice is too short)."""
+
+    def __init__(self, model, error):
+        self.macs, self.error, self.timed = crl.make_costs(model, ['macs'])['macs'], error, 0
+
+    def __call__(self, widths):
+        return self.macs(widths) * self.error
+
+    def measurements(self, *models, rounds=3):
+        self.timed += len(models)
+        return [crl.count(m)[1] / 1e6 for m in models], [0.0] * len(models)
+
+
+@pytest.mark.parametrize('error', [3.0, 0.4])
+def test_latency_mask_is_searched_by_timing_in_both_directions(error):
+    torch.manual_seed(10)
+    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.25), 10)
     policy = crl.Policy(crl.group_widths(model), 0.5)
-    costs = crl.make_costs(model, ['params', 'macs'])
-    x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (3,))
-    seen = {}
-    first = crl.units(model)[0]
-    first.layer.register_forward_hook(lambda m, i, o: seen.update(x=i[0], dtype=o.dtype))
-    last = {}
-    for u in crl.units(model):
-        if u.out is not None:
-            u.register_forward_hook(lambda m, i, o: last.update({m: o}))
-    numerics = crl.Numerics(torch.device('cpu'), 'on', 'on')
-    assert (numerics.device, numerics.bf16, numerics.channels_last) == (torch.device('cpu'), True, True)
-    opt_w, opt_p = torch.optim.SGD(model.parameters(), 0.01), torch.optim.Adam(policy.parameters(), 0.1)
-    budget, integral, lam = torch.tensor([0.5, 0.5]).double(), torch.zeros(2).double(), torch.ones(2).double()
-    before = [p.detach().clone() for p in (first.layer.weight, policy.theta)]
-    loss, logits, cost = crl.pruning_step(model, policy, costs, budget, integral, lam, x, y, opt_w, opt_p, 4,
-                                          bf16=True)
-    assert seen['x'].is_contiguous(memory_format=torch.channels_last) and seen['dtype'] == torch.bfloat16
-    assert torch.equal(seen['x'][3:6].float(), x) and len(seen['x']) == 12  # slice k holds the batch, unchanged
-    assert loss.dtype == torch.float32 and torch.isfinite(loss) and logits.shape == (12, 10)
-    assert cost.dtype == torch.float64 and cost.shape == (4, 2)
-    assert all(not torch.equal(b, p) for b, p in zip(before, (first.layer.weight, policy.theta)))  # both stepped
-    assert integral.tolist() == pytest.approx(((cost.mean(0) - budget) / budget).clamp(-1, 1).mul(0.01)
-                                              .clamp(min=0).tolist())  # the dual step ran, in place
-    # which mask was applied to which slice is not returned: recover it from the outputs, zero exactly where masked
-    for u, o in last.items():
-        on = (o.float().reshape(12, o.shape[1], -1).abs().sum(-1) > 0).view(4, 3, -1)
-        assert (on == on[:, :1]).all()  # one mask per slice of three images
-    # the compact network equals the masked one, in bf16
-    mask = random_mask(policy)
-    small = crl.compact(model, policy.split(mask)).to(memory_format=torch.channels_last)
-    model.eval(), small.eval()
-    with numerics.autocast():
-        masked = model(x, [g[None] for g in policy.split(mask)]).float()
-        compact = small(x).float()
-    torch.testing.assert_close(compact, masked, rtol=0.05, atol=0.05 * masked.abs().max().item())
+    policy.theta.data.normal_(0, 2)
+    latency = TimedByMACs(model, error)
+    costs = {'params': crl.make_costs(model, ['params'])['params'], 'latency': latency}
+    budget = torch.tensor([0.6, 0.3], dtype=torch.float64)
+    predicted = crl.final_mask(policy, costs, budget)  # what the prediction alone would keep
+    mask = crl.measured_final_mask(crl.Prunable(model), policy, costs, budget, 1)
+    measured = latency.final
+    ratio = measured['pruned'] / measured['dense']
+    assert measured['fraction'] == ratio
+    assert ratio <= 0.3 and ratio == pytest.approx(crl.count(crl.compact(model, policy.split(mask)))[1] /
+                                                   crl.count(model)[1])
+    assert ratio >= 0.9 * 0.3  # the budget is used, whichever way the prediction erred
+    assert crl.allowed({'params': costs['params']}, budget[:1], policy.kept(mask[None]))[0]
+    assert (mask.sum() > predicted.sum()) == (error > 1)  # grown when the prediction was pessimistic, else cut
+    assert latency.timed <= 2 * 40  # a search, not a sweep: pairs of networks timed
 
 
-def test_kept_widths_and_costs_are_exact_for_many_masks():
-    torch.manual_seed(3)
-    model = crl.build('resnet18', crl.dense_widths('resnet18', 0.25), 10)
-    policy = crl.Policy(crl.group_widths(model), 0.5)
-    masks = policy.sample(64)
-    kept = policy.kept(masks)
-    assert kept.dtype == torch.long
-    assert kept.tolist() == [[int(g.sum()) for g in policy.split(m)] for m in masks]
-    # the matrix form of the costs against a direct count of the compact networks
-    costs = crl.make_costs(model, ['params', 'macs'])
-    dense = crl.count(model)
-    for i in (0, 17, 63):
-        counts = crl.count(crl.build('resnet18', kept[i].tolist(), 10))
-        assert [costs[c](kept[i:i + 1]).item() * d for c, d in zip(costs, dense)] == pytest.approx(counts, rel=1e-12)
+def test_a_degenerate_latency_fit_is_reported_and_replaced(monkeypatch):
+    """Whole-network timings that fall as networks grow (a busy machine) give a negative slope: the table says so and
+    predicts with the units' sum alone, which still rises with every width."""
+    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 10)
+    monkeypatch.setattr(crl, 'time_forward', lambda net, x, *a, **k: (sum(p.numel() for p in net.parameters()) *
+                                                                       1e-9, 0.0))  # units: time grows with size
+    monkeypatch.setattr(crl, 'time_in_turns', lambda nets, *a, **k: ([1e6 / crl.count(n)[0] for n in nets],
+                                                                      [0.0] * len(nets)))
+    table = crl.build_latency_table(model, crl.Numerics(torch.device('cpu')), 2, repeats=1)
+    fit = table['fit']
+    assert fit['degenerate'] and fit['coef'][0] < 0 and 'degenerate' in fit['note']
+    assert table['coef'] == [1.0, 0.0]
+    cost = crl.Latency(table)
+    small, dense = torch.tensor([[1] * 9]), torch.tensor([crl.group_widths(model)])
+    assert 0 < cost(small).item() < cost(dense).item() == pytest.approx(1.0)
 
 
-def test_compile_starts_every_run_from_a_fresh_dynamo_cache(tmp_path, tiny, monkeypatch):
-    """bench/compare.py calls main() many times in one process: each run with --compile resets Dynamo, so the
-    recompile limit is never reached (and the run never silently falls back to eager mode)."""
+def test_scattered_timings_are_taken_again(monkeypatch):
     calls = []
-    monkeypatch.setattr(torch, 'compile', lambda model, **kw: calls.append('compile') or model)
-    monkeypatch.setattr(torch._dynamo, 'reset', lambda: calls.append('reset'))
-    for run in range(2):
-        crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / str(run)), '--compile'])
-    assert calls == ['reset', 'compile', 'compile', 'compile'] * 2
+
+    def fake(net, x, numerics, repeats=20, warmup=3):
+        calls.append(net)
+        return (1.0, 0.5) if len(calls) <= 4 else (0.9, 0.1)  # the first rounds scatter, the retaken ones do not
+    monkeypatch.setattr(crl, 'time_forward', fake)
+    ms, spread = crl.time_in_turns(['a', 'b'], None, crl.Numerics(torch.device('cpu')), rounds=2)
+    assert calls == ['a', 'b'] * 4 and ms == [900.0, 900.0] and spread == [0.1, 0.1]
+    calls.clear()
+    monkeypatch.setattr(crl, 'time_forward', lambda *a, **k: calls.append(1) or (1.0, 0.05))
+    assert crl.time_in_turns(['a'], None, crl.Numerics(torch.device('cpu')), rounds=3) == ([1000.0], [0.05])
+    assert len(calls) == 3  # steady timings: no second pass
 
 
-def test_end_to_end_tiny_run_in_bf16_and_channels_last(tmp_path, tiny):
-    out = tmp_path / 'out'
-    r = crl.main([*TINY, '--data', tiny, '--out', str(out), '--budget', 'params=0.4', '--bf16', 'on',
-                  '--channels-last', 'on', '--speed', 'eager'])
-    assert r['budget_met'] and r['pruned']['params'] <= 0.4 * r['dense']['params']
-    assert all(math.isfinite(r['pruned'][k]) for k in ('accuracy', 'accuracy_before_finetune'))
-    assert set(r['images_per_s']) == set(r['overhead_s']) == {'dense', 'prune', 'finetune'}
-    assert all(v > 0 for v in r['images_per_s'].values()) and all(v >= 0 for v in r['overhead_s'].values())
-    small, _ = crl.load_pruned(out / 'pruned.pt')
-    assert sum(p.numel() for p in small.parameters()) == r['pruned']['params']
+def test_latency_prediction_is_the_units_table_at_the_grid_widths():
+    """At widths on every unit's grid, the prediction is a * (the sum of the units' timed entries) + b."""
+    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 10)
+    widths = crl.group_widths(model)
+    table = {'meta': {'widths': widths}, 'coef': [1.5, 0.25], 'units': []}
+    g = torch.Generator().manual_seed(0)
+    for u in crl.units(model):
+        gin = [3] if u.inp is None else [1, widths[u.inp] // 2, widths[u.inp]]
+        gout = [10] if u.out is None else [1, widths[u.out] // 2, widths[u.out]]
+        table['units'].append({'inp': u.inp, 'out': u.out, 'grid_in': gin, 'grid_out': gout,
+                               'ms': torch.rand(len(gin), len(gout), generator=g, dtype=torch.float64)})
+    cost = crl.Latency(table)
+    for pick in (0, 1, 2):  # every group at grid point `pick`
+        w = [[1, max(1, x // 2), x][pick] for x in widths]
+        expected = sum(t['ms'][0 if t['inp'] is None else pick, 0 if t['out'] is None else pick]
+                       for t in table['units']) * 1.5 + 0.25
+        assert cost.predict_ms(torch.tensor([w])).item() == pytest.approx(expected.item())
 
 
-# --- 9. bad input ---------------------------------------------------------------------------------------------------------
+def test_latency_search_times_its_choice_again_before_keeping_it():
+    """A network measured within budget at 3 rounds but over it at 5 (a slow moment, or a fast one that let it
+    through) is not kept: the search steps down until the 5-round timing holds too."""
+    torch.manual_seed(13)
+    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.25), 10)
+    policy = crl.Policy(crl.group_widths(model), 0.5)
+    policy.theta.data.normal_(0, 2)
 
-@pytest.fixture
-def tiny(tmp_path):
-    return write_image_folder(tmp_path / 'data')
-
-
-TINY = ['--arch', 'vgg11', '--width', '0.0625', '--dense-epochs', '1', '--prune-epochs', '1',
-        '--finetune-epochs', '1', '--batch-size', '12', '--samples', '2', '--log-every', '1']
-
-
-@pytest.mark.parametrize('args, message', [
-    (['--arch', 'vgg17'], 'unknown --arch'),
-    (['--budget', 'params=abc'], 'not a number'),
-    (['--budget', 'params=0'], 'in (0, 1]'),
-    (['--budget', 'params=1.5'], 'in (0, 1]'),
-    (['--budget', 'foo=0.1'], 'unknown cost'),
-    (['--budget', 'params=1e-6'], 'infeasible'),
-    (['--width', '0'], '--width'),
-    (['--samples', '1'], '--samples'),
-    (['--no-such-flag'], 'unrecognized'),
-    (['--device', 'gpu7'], '--device'),
-    (['--device', 'mps'], 'not available'),
-    (['--device', 'meta'], 'not available'),
-    (['--wd', '-1'], '--wd must be a finite number >= 0'),
-    (['--dual-lr', 'nan'], '--dual-lr must be a finite number >= 0'),
-    (['--damping', 'inf'], '--damping must be a finite number >= 0'),
-    (['--lr', 'inf'], '--lr must be a positive finite number'),
-    (['--budget', 'params=0.1,params=0.9'], 'given twice'),
-    (['--prune-epochs', '0'], '--prune-epochs must be >= 1'),
-    (['--batch-size', '1'], 'at least 2 images per sampled mask'),
-    (['--subset', '1000'], 'has only 36 images'),
-    (['--subset', '1'], 'fewer than one batch'),
-])
-def test_bad_arguments_fail_with_one_line(tmp_path, tiny, args, message):
-    with pytest.raises(SystemExit) as e:
-        crl.main(['--data', tiny, '--out', str(tmp_path / 'out'), *args])
-    assert message in str(e.value.code) and '\n' not in str(e.value.code)
-    assert not (tmp_path / 'out').exists()
+    class SlowerAtFive(TimedByMACs):
+        def measurements(self, *models, rounds=3):
+            ms, spread = super().measurements(*models, rounds=rounds)
+            return ([ms[0] * (1.1 if rounds == 5 else 1.0), *ms[1:]], spread)
+    latency = SlowerAtFive(model, 1.0)
+    costs = {'latency': latency}
+    _, mask = crl.final_network(crl.Prunable(model), policy, costs, torch.tensor([0.3], dtype=torch.float64))
+    assert latency.final['pruned'] / latency.final['dense'] <= 0.3  # the 5-round timing, the last one taken
+    macs = crl.count(crl.compact(model, policy.split(mask)))[1] / crl.count(model)[1]
+    assert 1.1 * macs <= 0.3 and macs > 0.8 * 0.3 / 1.1
 
 
-def test_bad_data_and_checkpoints(tmp_path, tiny):
-    out = str(tmp_path / 'out')
-    cases = [(['--data', str(tmp_path / 'missing')], 'train/ and test/'),
-             (['--data', str(tmp_path)], 'train/ and test/')]
-    empty = tmp_path / 'empty'
-    (empty / 'train' / 'a').mkdir(parents=True)
-    (empty / 'test' / 'a').mkdir(parents=True)
-    cases.append((['--data', str(empty)], 'holds no images'))
-    garbage = tmp_path / 'garbage.pt'
-    garbage.write_bytes(b'not a checkpoint')
-    cases.append((['--data', tiny, '--pretrained', str(garbage)], 'cannot load'))
-    cases.append((['--data', tiny, '--pretrained', str(tmp_path / 'nope.pt')], 'no such file'))
-    wrong = tmp_path / 'wrong.pt'
-    torch.save({'state_dict': crl.build('vgg13', crl.dense_widths('vgg13', 0.0625), 3).state_dict()}, wrong)
-    cases.append((['--data', tiny, '--pretrained', str(wrong)], 'cannot load'))
-    for args, message in cases:
-        with pytest.raises(SystemExit) as e:
-            crl.main([*TINY, '--out', out, *args])
-        assert message in str(e.value.code), args
-        assert not os.path.exists(out)
+def test_time_forward_is_the_median_of_the_repeats(monkeypatch):
+    clock = iter([0, 5, 5, 6, 6, 9, 9, 10, 10, 12, 12, 13, 13, 20])  # warm-up 5; then 1, 3, 1, 2, 1, 7 seconds
+    monkeypatch.setattr(crl.time, 'perf_counter', lambda: next(clock))
+    median, spread = crl.time_forward(lambda x: x, None, crl.Numerics(torch.device('cpu')), repeats=6, warmup=1)
+    assert median == 2 and spread == pytest.approx((3 - 1) / 2)  # sorted: 1 1 1 2 3 7
 
 
-def test_out_that_is_a_file_is_refused(tmp_path, tiny):
-    out = tmp_path / 'results'
-    out.write_text('precious')
-    with pytest.raises(SystemExit, match='is a file'):
-        crl.main([*TINY, '--data', tiny, '--out', str(out)])
-    assert out.read_text() == 'precious'
-
-
-def test_corrupt_image_is_named(tmp_path, tiny):
-    bad = os.path.join(tiny, 'train', 'class0', 'broken.png')
-    with open(bad, 'wb') as f:
-        f.write(b'\x89PNG\r\n\x1a\n not really')
-    crl.read_image_folder.cache_clear()
-    with pytest.raises(SystemExit) as e:
-        crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / 'out')])
-    assert 'cannot read image' in str(e.value.code) and 'broken.png' in str(e.value.code)
-
-
-def test_sixteen_bit_images_are_scaled_not_saturated(tmp_path):
-    from PIL import Image
-    import numpy as np
-    path = tmp_path / 'grey16.png'
-    Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(path)
-    assert Image.open(path).mode.startswith('I')
-    assert abs(int(crl.read_image(str(path))[0, 0, 0]) - 128) <= 1  # half of the range, not 255
-
-
-def test_constant_channel_gives_finite_inputs(tmp_path):
-    from PIL import Image
-    import numpy as np
-    for split, n in (('train', 8), ('test', 4)):
-        for c in ('a', 'b'):
-            (tmp_path / split / c).mkdir(parents=True)
-            for i in range(n):
-                a = np.random.randint(0, 255, (32, 32, 3), dtype=np.uint8)
-                a[..., 2] = 7  # blue never varies
-                Image.fromarray(a).save(tmp_path / split / c / f'{i}.png')
-    args = crl.parse_args(['--data', str(tmp_path), '--batch-size', '16'])
-    data = crl.load_data(args, crl.Numerics(torch.device('cpu')))
-    assert data['std'][2] > 0
-    assert all(torch.isfinite(x).all() for x, _ in crl.Batches(data, 'train', 8, train=True))
-
-
-@pytest.mark.parametrize('flag, phase', [(['--lr', '1e30'], 'dense epoch 1'),
-                                         (['--prune-lr', '1e30'], 'prune epoch 1')])
-def test_divergence_stops_with_one_line_and_saves_no_nan_checkpoint(tmp_path, tiny, flag, phase):
-    out = tmp_path / 'out'
-    with pytest.raises(SystemExit) as e:
-        crl.main([*TINY, '--data', tiny, '--out', str(out), *flag])
-    assert phase in str(e.value.code) and 'diverged' in str(e.value.code) and '\n' not in str(e.value.code)
-    assert not (out / 'pruned.pt').exists()
-    if (out / 'dense.pt').exists():  # saved only after a finite dense phase
-        state = torch.load(out / 'dense.pt', weights_only=True)['state_dict']
-        assert all(torch.isfinite(t).all() for t in state.values())
-    if (out / 'checkpoint.pt').exists():
-        state = torch.load(out / 'checkpoint.pt', weights_only=True)['objects']['model']
-        assert all(torch.isfinite(t).all() for t in state.values())
-
-
-def test_pretrained_network_keeps_its_own_input_statistics(tmp_path, tiny):
-    first = tmp_path / 'first'
-    crl.main([*TINY, '--data', tiny, '--out', str(first)])
-    again = tmp_path / 'again'  # a subset of the data has other statistics: the checkpoint's must be used
-    crl.main([*TINY, '--data', tiny, '--out', str(again), '--pretrained', str(first / 'dense.pt'), '--subset', '24'])
-    dense = torch.load(first / 'dense.pt', weights_only=True)
-    pruned = torch.load(again / 'pruned.pt', weights_only=True)
-    assert pruned['mean'] == dense['mean'] and pruned['std'] == dense['std']
-
-
-def test_final_mask_ranks_by_logits_beyond_float_saturation():
-    policy = crl.Policy([3], 0.5)
-    policy.theta.data = torch.tensor([20., 30., 25.])  # sigmoid rounds all three to 1.0 in float32
-    cost = {'share': lambda kept: kept[:, 0].double() / 3}
-    mask = crl.final_mask(policy, cost, torch.tensor([2 / 3], dtype=torch.float64))
-    assert mask.tolist() == [0, 1, 1]
-
-
-def test_existing_results_are_not_overwritten(tmp_path, tiny):
-    out = tmp_path / 'out'
-    out.mkdir()
-    (out / 'results.json').write_text('precious')
-    with pytest.raises(SystemExit, match='--overwrite'):
-        crl.main([*TINY, '--data', tiny, '--out', str(out)])
-    assert (out / 'results.json').read_text() == 'precious'
-
-
-def test_cli_error_is_one_line_on_stderr_with_nonzero_exit():
-    r = subprocess.run([sys.executable, os.path.join(HERE, 'crl_prune.py'), '--budget', 'params=abc'],
-                       capture_output=True, text=True, cwd=HERE)
-    assert r.returncode != 0
-    assert r.stderr.strip().count('\n') == 0 and 'params=abc' in r.stderr and r.stdout == ''
-
-
-# --- costs that can only be evaluated: latency, user functions, absolute budgets --------------------------------------
+# --- Part II, 13-14. Costs that can only be evaluated: latency tables, user cost files, absolute budgets --------------
 
 COST_FILE = """
 import torch
@@ -660,8 +964,8 @@ def zero(widths, names):
 def test_user_cost_is_respected_by_the_compact_network(tmp_path, tiny):
     path = tmp_path / 'costs.py'
     path.write_text(COST_FILE)
-    r = crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / 'out'), '--cost', f'energy={path}:energy',
-                  '--budget', 'energy=0.2,params=0.9'])
+    r = tiny_run(tiny, tmp_path / 'out', '--cost', f'energy={path}:energy',
+                  '--budget', 'energy=0.2,params=0.9')
     widths = torch.tensor([list(r['channels'].values())])
     dense = torch.tensor([list(r['dense_channels'].values())])
     value = lambda w: ((w.double() ** 2).sum(1) + 1).item()  # noqa: E731
@@ -673,8 +977,8 @@ def test_user_cost_is_respected_by_the_compact_network(tmp_path, tiny):
 def test_non_monotone_cost_still_ends_within_budget(tmp_path, tiny):
     path = tmp_path / 'costs.py'
     path.write_text(COST_FILE)
-    r = crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / 'out'), '--cost', f'bumpy={path}:bumpy',
-                  '--budget', 'bumpy=0.8'])
+    r = tiny_run(tiny, tmp_path / 'out', '--cost', f'bumpy={path}:bumpy',
+                  '--budget', 'bumpy=0.8')
     w = list(r['channels'].values())
     dense = list(r['dense_channels'].values())
     assert (w[0] * 10 - w[1] * 2 + 20) <= 0.8 * (dense[0] * 10 - dense[1] * 2 + 20) and r['budget_met']
@@ -695,8 +999,8 @@ def test_bad_cost_files_fail_with_one_line(tmp_path, tiny, spec, message):
     (tmp_path / 'broken.py').write_text('def energy(:\n')
     spec = spec.format(missing=tmp_path / 'missing.py', broken=tmp_path / 'broken.py', good=tmp_path / 'good.py')
     with pytest.raises(SystemExit) as e:
-        crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / 'out'), '--cost', spec,
-                  '--budget', f"{spec.partition('=')[0]}=0.5"])
+        tiny_run(tiny, tmp_path / 'out', '--cost', spec,
+                  '--budget', f"{spec.partition('=')[0]}=0.5")
     assert message in str(e.value.code) and '\n' not in str(e.value.code)
     assert not (tmp_path / 'out').exists()
 
@@ -718,11 +1022,10 @@ def test_absolute_and_fractional_budgets_agree():
 
 
 def test_latency_table_structure_reuse_and_refusal(tmp_path):
-    net = crl.Network('resnet18', 0.0625, 10)
+    net = crl.network('resnet18', 0.0625, 10)
     model = net.model
     args = crl.parse_args(['--arch', 'resnet18', '--width', '0.0625', '--budget', 'latency=0.9',
                            '--out', str(tmp_path / 'a')])
-    args.latency_device_t = torch.device('cpu')
     cost = crl.latency_cost(net, args)
     table = torch.load(tmp_path / 'a' / 'latency_table.pt', weights_only=True)
     assert len(table['units']) == len(crl.units(model))  # one entry per unit, in order, with its groups
@@ -756,62 +1059,7 @@ def test_latency_budget_end_to_end_reports_measured_latency(tmp_path, tiny):
     assert (out / 'latency_table.pt').exists()
 
 
-# --- end to end -------------------------------------------------------------------------------------------------------------
-
-def test_end_to_end_tiny_run(tmp_path, tiny):
-    out = tmp_path / 'out'
-    results = crl.main([*TINY, '--data', tiny, '--out', str(out), '--budget', 'params=0.3,macs=0.5',
-                        '--speed', 'eager,folded'])
-    saved = json.loads((out / 'results.json').read_text())
-    assert saved['budget_met'] is True and saved['budget'] == {'params': 0.3, 'macs': 0.5}
-    assert saved['pruned']['params'] <= 0.3 * saved['dense']['params']
-    assert saved['pruned']['macs'] <= 0.5 * saved['dense']['macs']
-    for part in ('dense', 'pruned'):
-        assert {'params', 'macs', 'accuracy'} <= set(saved[part])
-    assert set(saved['time_s']) >= {'dense', 'prune', 'finetune'}
-    assert [(r['mode'], r['batch']) for r in saved['speed']] == [('eager', 1), ('eager', 64), ('folded', 1),
-                                                                 ('folded', 64)]
-    for r in saved['speed']:
-        assert r['dense_ms'] > 0 and r['pruned_ms'] > 0 and r['speedup'] == pytest.approx(r['dense_ms'] / r['pruned_ms'])
-        assert r['macs_ratio'] == pytest.approx(saved['dense']['macs'] / saved['pruned']['macs'])
-    assert list(saved['channels']) == [f'conv{i}' for i in range(1, 9)] + ['fc1']
-    ckpt = torch.load(out / 'pruned.pt', weights_only=True)
-    assert ckpt['widths'] == list(saved['channels'].values())
-    small, _ = crl.load_pruned(out / 'pruned.pt')
-    assert sum(p.numel() for p in small.parameters()) == saved['pruned']['params']
-    dense, _ = crl.load_pruned(out / 'dense.pt')
-    assert sum(p.numel() for p in dense.parameters()) == saved['dense']['params']
-    assert results['pruned']['accuracy'] == saved['pruned']['accuracy']
-    # the dense checkpoint can seed a second run, which then skips dense training
-    again = crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / 'again'), '--pretrained', str(out / 'dense.pt'),
-                      '--prune-epochs', '1', '--finetune-epochs', '0'])
-    assert again['dense']['accuracy'] == saved['dense']['accuracy']
-
-
-def test_reinit_keeps_the_widths_and_drops_the_inherited_weights(tmp_path, tiny):
-    runs = {flag: crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / str(i)), '--finetune-epochs', '0', *flag])
-            for i, flag in enumerate(((), ('--reinit',)))}
-    assert runs[()]['channels'] == runs[('--reinit',)]['channels']  # same seed, same policy, same widths
-    weights = [torch.load(tmp_path / str(i) / 'pruned.pt', weights_only=True)['state_dict']['convs.0.layer.weight']
-               for i in range(2)]
-    dense = torch.load(tmp_path / '0' / 'dense.pt', weights_only=True)['state_dict']['convs.0.layer.weight']
-    closest = [max(F.cosine_similarity(w[0].flatten(), d.flatten(), 0).item() for d in dense) for w in weights]
-    assert closest[0] > 0.95  # fine-tuning starts from the filters the dense network (then pruning) trained
-    assert closest[1] < 0.9   # --reinit from fresh ones
-
-
-def test_script_runs_resnet18_from_the_command_line(tmp_path, tiny):
-    out = tmp_path / 'out'
-    r = subprocess.run([sys.executable, os.path.join(HERE, 'crl_prune.py'), *TINY, '--arch', 'resnet18',
-                        '--data', tiny, '--out', str(out), '--budget', 'macs=0.4'],
-                       capture_output=True, text=True, cwd=HERE)
-    assert r.returncode == 0, r.stderr
-    assert 'prune epoch 1' in r.stdout and 'lam macs=' in r.stdout
-    saved = json.loads((out / 'results.json').read_text())
-    assert saved['budget_met'] and saved['pruned']['macs'] <= 0.4 * saved['dense']['macs']
-
-
-# --- Checkpoints and --resume -----------------------------------------------------------------------------------------
+# --- Part II, 15. Checkpoints and --resume ----------------------------------------------------------------------------
 # TINY: 36 training images, batch 12, so 3 steps per epoch in every phase; with 2 epochs a phase, steps 1-6 are dense
 # training, 7-12 pruning, 13-18 fine-tuning.
 RESUMABLE = [*TINY, '--dense-epochs', '2', '--prune-epochs', '2', '--finetune-epochs', '2', '--budget', 'params=0.3',
@@ -916,165 +1164,7 @@ def test_a_save_killed_halfway_leaves_the_previous_file_whole(tmp_path, monkeypa
     assert torch.load(path, weights_only=True) == {'epoch': 1}
 
 
-# --- bench/compare.py: the baselines ---------------------------------------------------------------------------------
-
-@pytest.fixture
-def compare(monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(HERE, 'bench'))
-    import compare
-    return compare
-
-
-BENCH = ['--arch', 'vgg11', '--width', '0.0625', '--seeds', '0', '--dense-epochs', '1', '--prune-epochs', '1',
-         '--finetune-epochs', '2', '--batch-size', '16', '--budgets', 'params=0.3']
-
-
-def spy_on_training(monkeypatch, compare):
-    """Every crl.train call: its phase, epochs, lr, weight decay, input statistics, the kept widths of the network and
-    whether the network is freshly initialised; and the channel choice (l1, random) of every crl-widths row."""
-    calls, train, masks = [], crl.train, compare.channel_masks
-
-    def spy(model, batches, epochs, lr=0.1, **kw):
-        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        calls.append({'phase': kw.get('phase'), 'epochs': epochs, 'lr': lr, 'wd': kw.get('weight_decay'),
-                      'mean': batches.data['mean'].tolist(), 'widths': compare.kept_widths(model),
-                      'fresh': all(bool((m.weight == 1).all() and (m.running_mean == 0).all()) for m in bns)})
-        return train(model, batches, epochs, lr, **kw)
-    monkeypatch.setattr(crl, 'train', spy)
-    monkeypatch.setattr(compare, 'channel_masks', lambda model, widths, how, seed: calls.append({'choice': how}) or
-                        masks(model, widths, how, seed))
-    return calls
-
-
-def test_bench_rows_at_equal_training(tmp_path, tiny, compare, monkeypatch):
-    """The scratch and crl-widths rows take the CRL row's widths; the scratch rows train fresh networks, the others
-    networks cut from the dense checkpoint (by L1 norm or at random); every row trains dense 1 + prune 1 + finetune
-    2 = 4 epochs in all, as its record says. A CRL variant (--crl-name) adds its own rows and reruns none."""
-    calls = spy_on_training(monkeypatch, compare)
-    argv = ['--data', tiny, *BENCH, '--out', str(tmp_path / 'bench')]
-    methods = ['crl', 'scratch', 'uniform-scratch', 'crl-widths-l1', 'crl-widths-random']
-    rows = {r['method']: r for r in compare.main([*argv, '--methods', *methods])}
-    assert set(rows) == set(methods)
-    assert rows['crl']['epochs'] == {'dense': 1, 'sparsity': 0, 'prune': 1, 'finetune': 2, 'scratch': 0}
-    crl_widths = list(rows['crl']['channels'].values())
-    for method in methods[1:]:
-        r = rows[method]
-        trained = [c for c in calls if c.get('phase') == method]
-        assert sum(c['epochs'] for c in trained) == sum(r['epochs'].values()) - r['epochs']['dense'] > 0
-        assert sum(r['epochs'].values()) == 4
-        assert all(c['fresh'] == method.endswith('scratch') and c['lr'] == 0.1 for c in trained)
-        assert all(c['widths'] == list(r['channels'].values()) for c in trained)
-        assert (list(r['channels'].values()) == crl_widths) == (method != 'uniform-scratch')
-        assert r['params_fraction'] <= 0.3
-    assert rows['scratch']['epochs']['scratch'] == 4 and rows['crl-widths-l1']['epochs']['finetune'] == 3
-    assert [c['choice'] for c in calls if 'choice' in c] == ['l1', 'random']
-
-    calls.clear()
-    again = compare.main([*argv, '--methods', 'crl', 'scratch', 'uniform-scratch', '--crl-name', 'crl-reinit',
-                          '--crl-args=--reinit'])
-    new = {r['method']: r for r in again[len(rows):]}
-    assert len(again) == len(rows) + 2 and set(new) == {'crl-reinit', 'scratch:crl-reinit'}
-    assert new['crl-reinit']['epochs'] == {'dense': 1, 'sparsity': 0, 'prune': 1, 'finetune': 0, 'scratch': 2}
-    assert new['scratch:crl-reinit']['channels'] == new['crl-reinit']['channels']
-    assert [c['phase'] for c in calls if c.get('phase') in compare.METHODS] == ['scratch']  # uniform-scratch: done
-
-
-def test_bench_rows_see_the_inputs_of_the_pretrained_checkpoint(tmp_path, tiny, compare, monkeypatch):
-    """Baselines normalise their inputs with the statistics of the dense checkpoint, as crl_prune --pretrained does."""
-    calls = spy_on_training(monkeypatch, compare)
-    path = str(tmp_path / 'dense.pt')
-    crl.save_pruned(crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 3), path, torch.tensor([0.25, 0.5, 0.75]),
-                   torch.tensor([0.5, 0.5, 0.5]))
-    compare.main(['--data', tiny, *BENCH, '--out', str(tmp_path / 'bench'), '--pretrained', path,
-                  '--methods', 'uniform-scratch'])
-    assert [c['mean'] for c in calls] == [[0.25, 0.5, 0.75]]
-
-
-def test_bench_row_that_diverges_is_recorded_and_the_rest_run(tmp_path, tiny, compare, monkeypatch, capsys):
-    """A baseline whose fine-tuning diverges is a row marked `diverged` (the table counts it), not a stopped run."""
-    train = crl.train
-
-    def diverging(model, batches, epochs, lr=0.1, **kw):
-        if kw.get('phase') == 'l1-uniform':
-            raise crl.CRLError('l1-uniform epoch 1 step 1: the loss became nan')
-        return train(model, batches, epochs, lr, **kw)
-    monkeypatch.setattr(crl, 'train', diverging)
-    rows = compare.main(['--data', tiny, *BENCH, '--out', str(tmp_path / 'bench'),
-                         '--methods', 'l1-uniform', 'random-uniform'])
-    assert [(r['method'], 'diverged' in r) for r in rows] == [('l1-uniform', True), ('random-uniform', False)]
-    assert 'nan' in rows[0]['diverged'] and 0 <= rows[0]['accuracy'] <= 1
-    table = {t['method']: t for t in compare.summary(rows)}
-    assert table['l1-uniform']['diverged'] == 1 and table['random-uniform']['diverged'] == 0
-    assert '(1 diverged)' in capsys.readouterr().out
-
-
-def test_bench_channel_choice_and_uniform_widths(compare):
-    torch.manual_seed(0)
-    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 10)
-    widths = [max(1, w // 3) for w in crl.group_widths(model)]
-    l1 = compare.channel_masks(model, widths, 'l1', 0)
-    for u in crl.units(model)[:-1]:  # VGG: one layer produces each group
-        norms, kept = u.layer.weight.detach().flatten(1).abs().sum(1), l1[u.out].bool()
-        assert kept.sum() == widths[u.out] and norms[kept].min() >= norms[~kept].max()
-    random = [compare.channel_masks(model, widths, 'random', seed) for seed in (0, 1)]
-    assert [m.sum().item() for m in random[0]] == widths
-    assert any(not torch.equal(a, b) for a, b in zip(*random))
-    assert any(not torch.equal(a, b) for a, b in zip(random[0], l1))
-    dense, d = crl.count(model)[0], torch.tensor(crl.group_widths(model))
-    for fraction in (0.1, 0.3):
-        w = torch.tensor(compare.uniform_widths(model, fraction))
-        r = (w / d).median()
-        assert ((d * r).round() - w).abs().max() <= 1  # one ratio for every group, up to rounding
-        assert fraction - 0.03 < crl.count(crl.build('vgg11', w.tolist(), 10))[0] / dense <= fraction
-
-
-@pytest.mark.parametrize('method, pruner, normalizer', [('tp-group-reg', 'GroupNormPruner', 'max'),
-                                                        ('slimming', 'BNScalePruner', None)])
-def test_bench_sparsity_learning_shrinks_the_bn_scales(compare, method, pruner, normalizer):
-    """Configured as documented (global pruning, the normaliser), and the pruner's regulariser is applied at every
-    step of the sparsity-learning phase."""
-    tp = pytest.importorskip('torch_pruning')
-    args = crl.parse_args(['--batch-size', '32', '--prune-lr', '0.01', '--log-every', '1000000'])
-    scales = []
-    for reg in (0.0, 1.0):
-        torch.manual_seed(0)
-        model = crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 2)
-        p = compare.pruner(model, method, reg, steps=10)
-        assert type(p) is getattr(tp.pruner, pruner) and p.global_pruning and p.importance.normalizer == normalizer
-        compare.sparsity_learning(model, p, signal_data(128), 2, args, method)
-        scales.append(sum(m.weight.abs().sum() for m in model.modules() if isinstance(m, nn.BatchNorm2d)).item())
-    assert scales[1] < 0.9 * scales[0], scales
-
-
-def test_bench_sparsity_learning_rows(tmp_path, tiny, compare, monkeypatch):
-    """Sparsity learning for the pruning epochs at the weights' pruning lr (without weight decay for tp-group-reg,
-    as Torch-Pruning's reproduction trains), then fine-tuning; a criterion without it fine-tunes for both."""
-    pytest.importorskip('torch_pruning')
-    calls = spy_on_training(monkeypatch, compare)
-    methods = ['tp-group-reg', 'slimming', 'l1-uniform']
-    rows = compare.main(['--data', tiny, *BENCH, '--out', str(tmp_path / 'bench'), '--methods', *methods])
-    assert [r['method'] for r in rows] == methods
-    for r in rows:
-        assert r['params_fraction'] <= 0.3 and sum(r['epochs'].values()) == 4
-        sparsity = 1 if r['method'] != 'l1-uniform' else 0
-        assert r['epochs'] == {'dense': 1, 'sparsity': sparsity, 'prune': 0, 'finetune': 3 - sparsity, 'scratch': 0}
-        trained = {c['phase']: (c['epochs'], c['lr'], c['wd']) for c in calls if c['phase'].startswith(r['method'])}
-        expected = {r['method']: (3 - sparsity, 0.1, 5e-4)}
-        if sparsity:
-            expected[f"{r['method']}-sparsity"] = (1, 0.02, 0.0 if r['method'] == 'tp-group-reg' else 5e-4)
-        assert trained == expected
-
-
-def test_bench_refuses_what_it_cannot_run(tmp_path, tiny, compare):
-    argv = ['--data', tiny, *BENCH, '--out', str(tmp_path / 'bench')]
-    with pytest.raises(SystemExit, match='parameter budget alone'):
-        compare.main([*argv, '--budgets', 'params=0.3,macs=0.5', '--methods', 'crl', 'uniform-scratch'])
-    assert not (tmp_path / 'bench').exists()  # before any training
-    with pytest.raises(SystemExit, match='add crl to --methods'):
-        compare.main([*argv, '--methods', 'scratch'])
-
-
-# --- what a run leaves to look at and to take away: metrics.csv, TensorBoard, policy.pt, export, plots ----------------
+# --- Part II, 15-16. What a run leaves: metrics.csv, TensorBoard, policy.pt, saving, export ---------------------------
 
 @pytest.fixture(scope='module')
 def logged_run(tmp_path_factory):
@@ -1084,7 +1174,7 @@ def logged_run(tmp_path_factory):
     root = tmp_path_factory.mktemp('logged')
     data, out, printed = write_image_folder(root / 'data'), root / 'out', io.StringIO()
     with contextlib.redirect_stdout(printed):
-        results = crl.main([*TINY, '--data', data, '--out', str(out), '--budget', 'params=0.3,macs=0.5', '--export'])
+        results = tiny_run(data, out, '--budget', 'params=0.3,macs=0.5', '--export')
     return out, results, printed.getvalue().splitlines()
 
 
@@ -1137,7 +1227,7 @@ def test_eta_is_the_time_left_at_the_steady_state_rate(monkeypatch, capsys):
 def test_tensorboard_without_the_package_is_one_line_before_any_work(tmp_path, tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # import fails as if tensorboard were absent
     with pytest.raises(SystemExit) as e:
-        crl.main([*TINY, '--data', tiny, '--out', str(tmp_path / 'out'), '--tensorboard'])
+        tiny_run(tiny, tmp_path / 'out', '--tensorboard')
     assert 'needs the tensorboard package' in str(e.value.code) and '\n' not in str(e.value.code)
     assert not (tmp_path / 'out').exists()
 
@@ -1146,7 +1236,7 @@ def test_tensorboard_events_hold_the_metrics(tmp_path, tiny):
     pytest.importorskip('tensorboard', reason='the tensorboard package is not installed')
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / 'out'
-    r = crl.main([*TINY, '--data', tiny, '--out', str(out), '--tensorboard'])
+    r = tiny_run(tiny, out, '--tensorboard')
     events = EventAccumulator(str(out / 'tensorboard'))
     events.Reload()
     tags = set(events.Tags()['scalars'])
@@ -1220,7 +1310,7 @@ def test_failed_export_is_one_line_and_keeps_the_results(tmp_path, tiny, monkeyp
     monkeypatch.setattr(crl, 'export_pruned', broken)
     out = tmp_path / 'out'
     with pytest.raises(SystemExit) as e:
-        crl.main([*TINY, '--data', tiny, '--out', str(out), '--export'])
+        tiny_run(tiny, out, '--export')
     assert 'unsupported operator' in str(e.value.code) and '\n' not in str(e.value.code)
     assert json.loads((out / 'results.json').read_text())['budget_met'] and (out / 'pruned.pt').exists()
 
@@ -1231,7 +1321,7 @@ def test_logs_and_exports_of_an_earlier_run_are_not_overwritten(tmp_path, tiny, 
     out.mkdir()
     (out / saved).write_text('precious')
     with pytest.raises(SystemExit, match='--overwrite'):
-        crl.main([*TINY, '--data', tiny, '--out', str(out), '--export'])
+        tiny_run(tiny, out, '--export')
     assert (out / saved).read_text() == 'precious'
 
 
@@ -1240,212 +1330,29 @@ def test_overwrite_removes_the_exports_of_the_run_it_replaces(tmp_path, tiny):
     out.mkdir()
     for name in crl.EXPORTS:
         (out / name).write_text('the export of an earlier network')
-    crl.main([*TINY, '--data', tiny, '--out', str(out), '--overwrite'])
+    tiny_run(tiny, out, '--overwrite')
     assert (out / 'pruned.pt').exists() and not any((out / name).exists() for name in crl.EXPORTS)
 
 
 PNG = b'\x89PNG\r\n\x1a\n'
 
 
-def test_plot_script_draws_every_figure(logged_run, tmp_path):
-    pytest.importorskip('matplotlib', reason='matplotlib is not installed (pip install -r bench/requirements.txt)')
-    out, _, _ = logged_run
-    compare = os.path.join(HERE, 'bench', 'results', 'cpu_vgg16_w0.25.json')
-    command = [sys.executable, os.path.join(HERE, 'bench', 'plot.py'), str(out), '--compare', compare,
-               '--out', str(tmp_path / 'figures')]
-    r = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
-    assert r.returncode == 0, r.stderr
-    figures = {'dual.png', 'channels.png', 'keep.png', 'compare.png'}
-    assert set(os.listdir(tmp_path / 'figures')) == figures
-    for name in figures:
-        data = (tmp_path / 'figures' / name).read_bytes()
-        assert data.startswith(PNG) and len(data) > 10_000, name
-    again = subprocess.run(command, capture_output=True, text=True, cwd=HERE)  # figures are not silently replaced
-    assert again.returncode != 0 and 'pass --overwrite' in again.stderr and again.stderr.count('\n') == 1
-
-
-def test_plot_script_reads_every_compare_format(tmp_path):
-    pytest.importorskip('matplotlib', reason='matplotlib is not installed (pip install -r bench/requirements.txt)')
-    sys.path.insert(0, os.path.join(HERE, 'bench'))
-    try:
-        import plot
-    finally:
-        sys.path.remove(os.path.join(HERE, 'bench'))
-    results = json.loads(open(os.path.join(HERE, 'bench', 'results', 'cpu_vgg16_w0.25.json')).read())
-    formats = {'rows.json': results['rows'], 'summary.json': {k: results[k] for k in ('dense', 'args', 'table')}}
-    for name, content in formats.items():
-        (tmp_path / name).write_text(json.dumps(content))
-        assert plot.main(['--compare', str(tmp_path / name), '--out', str(tmp_path / name[:-5])]) == ['compare.png']
-        assert (tmp_path / name[:-5] / 'compare.png').read_bytes().startswith(PNG)
-    (tmp_path / 'other.json').write_text(json.dumps({'rows': [{'variant': 'x'}]}))
-    with pytest.raises(SystemExit, match='not bench/compare.py results'):
-        plot.main(['--compare', str(tmp_path / 'other.json'), '--out', str(tmp_path / 'none')])
-    assert not (tmp_path / 'none').exists()
-
-
-# --- Part I on a network of your own: the README's example, depthwise and grouped convolutions, the library call ----
-
-def readme_block(first_line):
-    """The README's python code block whose first line is `first_line`."""
-    text = open(os.path.join(HERE, 'README.md')).read()
-    blocks = [b.split('```')[0] for b in text.split('```python\n')[1:]]
-    return next(b for b in blocks if b.startswith(first_line))
-
-
-@pytest.fixture(scope='module')
-def own_network(tmp_path_factory):
-    """The README's "Prune your own network" code, run as its user would: mynet.py prunes and saves, load_it.py
-    loads the saved network in a fresh interpreter."""
-    root = tmp_path_factory.mktemp('own')
-    env = {**os.environ, 'PYTHONPATH': HERE}
-    runs = {}
-    for name in ('mynet.py', 'load_it.py'):
-        (root / name).write_text(readme_block(f'# {name}'))
-        runs[name] = subprocess.run([sys.executable, name], capture_output=True, text=True, cwd=root, env=env)
-        assert runs[name].returncode == 0, runs[name].stderr
-    sys.path.insert(0, str(root))
-    try:
-        import mynet
-    finally:
-        sys.path.remove(str(root))
-    return root, mynet, runs
-
-
-def test_readme_example_prunes_its_own_network_within_budget_and_reloads_elsewhere(own_network):
-    root, mynet, runs = own_network
-    user_lines = [line for name in ('mynet.py', 'load_it.py') for line in (root / name).read_text().splitlines()
-                  if line.strip() and not line.strip().startswith('#')]
-    assert len(user_lines) <= 40
-    dense = mynet.MyNet()
-    small, info = crl.load_pruned(root / 'mynet_pruned.pt', model=mynet.MyNet())
-    (dp, dm), (sp, sm) = crl.count(dense), crl.count(small)
-    assert sp <= 0.3 * dp and sm <= 0.5 * dm  # the budget {'params': 0.3, 'macs': 0.5}, met by the saved network
-    assert info['widths'] == crl.group_widths(small) and info['group_names'] == ['stream', 'inner', 'wide']
-    printed = runs['mynet.py'].stdout.split('\n')[0]
-    assert printed == f"{info['widths']} {(sp, sm)}"  # the pruning process saw the network that was loaded
-    assert runs['load_it.py'].stdout.strip() == f"{info['widths']} torch.Size([1, 10])"
-    saved = torch.load(root / 'mynet_pruned.pt', weights_only=True)['state_dict']
-    assert all(torch.equal(saved[k], v) for k, v in small.state_dict().items())
-
-
-def test_own_network_costs_and_compaction_are_exact(own_network):
-    """Residual addition and depthwise convolution: the cost functions equal the counts of the compact network, and
-    the compact network computes what the masked one does."""
-    _, mynet, _ = own_network
-    torch.manual_seed(0)
-    model = randomise_bn(mynet.MyNet()).eval()
-    costs = crl.make_costs(model)
-    policy = crl.Policy(crl.group_widths(model), 0.5)
-    dense = crl.count(model)
-    x = torch.randn(3, 3, 32, 32)
-    for keep in (0.2, 0.5, 0.9):
-        mask = random_mask(policy, keep)
-        small = crl.compact(model, policy.split(mask))
-        kept = policy.kept(mask[None])
-        assert [costs[c](kept).item() * d for c, d in zip(costs, dense)] == pytest.approx(crl.count(small), rel=1e-12)
-        torch.testing.assert_close(small(x), model(x, [g[None] for g in policy.split(mask)]), rtol=1e-4, atol=1e-5)
-    assert small.dw.layer.groups == small.dw.layer.in_channels == small.dw.layer.out_channels == kept[0, 0]
-
-
-class TwoConvs(nn.Module):
-    """A plain conv on the image (never pruned), a Unit, then `tail` on the Unit's channels."""
-
-    def __init__(self, tail):
-        super().__init__()
-        self.head = nn.Conv2d(3, 3, 1)
-        self.unit = crl.Unit(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), None, 0)
-        self.tail = tail
-
-    def forward(self, x, masks=None):
-        return self.tail(F.relu(self.unit(self.head(x), masks))).mean((2, 3))
-
-
-def test_costs_count_layers_outside_units_and_refuse_ones_that_read_pruned_channels():
-    model = TwoConvs(crl.Unit(nn.Conv2d(8, 4, 1), nn.Identity(), 0, None))
-    costs, dense = crl.make_costs(model), crl.count(model)
-    for k in (1, 5, 8):
-        small = crl.shrink(model, [k])
-        assert [costs[c](torch.tensor([[k]])).item() * d for c, d in zip(costs, dense)] == pytest.approx(
-            crl.count(small), rel=1e-12)  # the plain head conv is a constant of both counts
-    with pytest.raises(crl.CRLError, match='outside the Units'):
-        crl.make_costs(TwoConvs(nn.Conv2d(8, 4, 1)))  # a plain conv reading group 0: compaction would break it
-
-
-def test_grouped_and_depthwise_convolutions_are_checked():
-    with pytest.raises(crl.CRLError, match='grouped convolution'):
-        crl.Unit(nn.Conv2d(8, 8, 3, groups=2), nn.BatchNorm2d(8), 0, 1)
-    with pytest.raises(crl.CRLError, match='one group'):
-        crl.Unit(nn.Conv2d(8, 8, 3, groups=8), nn.BatchNorm2d(8), 0, 1)
-    with pytest.raises(crl.CRLError, match='convolution or nn.Linear'):
-        crl.Unit(nn.ConvTranspose2d(8, 8, 3), nn.BatchNorm2d(8), 0, 1)
-    unit = crl.Unit(nn.Conv2d(8, 8, 3, groups=8), nn.BatchNorm2d(8), 0, 0)
-    assert unit.dim_groups(unit.layer.weight) == [(0, 0)]  # its weight's dim 1 (one input channel) is no group
-    with pytest.raises(crl.CRLError, match='group 0 has'):
-        crl.group_widths(nn.Sequential(crl.Unit(nn.Conv2d(3, 8, 3), nn.Identity(), None, 0),
-                                       crl.Unit(nn.Conv2d(4, 2, 3), nn.Identity(), 0, None)))
-
-
-def test_prune_network_refuses_bad_budgets_before_any_training():
-    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 3)
-    steps = []
-    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,)))]
-    for budget, message in [({'flops': 0.1}, 'no cost named'), ({'params': 1.5}, 'in \\(0, 1\\]'),
-                            ({'params': 1e-5}, 'infeasible'), ({}, 'no cost')]:
-        with pytest.raises(crl.CRLError, match=message):
-            crl.prune_network(model, batches, budget, callback=steps.append)
-    assert steps == []
-
-
-def test_prune_network_meets_a_users_cost_and_fine_tunes():
-    torch.manual_seed(0)
-    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 3)
-    data = signal_data(64)
-    batches = crl.Batches(data, 'train', 8, train=True)
-    energy = lambda w: (w.double() ** 2).sum(-1) / (torch.tensor(crl.group_widths(model)) ** 2).sum()  # noqa: E731
-    events = []
-    small = crl.prune_network(model, batches, {'energy': 0.3, 'params': 0.8}, costs={'energy': energy},
-                              prune_epochs=1, finetune_epochs=1, samples=4, callback=events.append)
-    assert energy(torch.tensor(crl.group_widths(small))).item() <= 0.3
-    assert crl.count(small)[0] <= 0.8 * crl.count(model)[0]
-    assert [(e['phase'], e['step']) for e in events] == [(p, s) for p in ('prune', 'finetune') for s in
-                                                         [*range(1, 9), None]]
-    assert all(e['cost'].shape == (4, 2) for e in events if e['phase'] == 'prune' and e['step'])
-
-
-def test_training_ends_with_the_statistics_of_the_final_weights():
-    """A short phase leaves BN's running averages far from the final network's statistics: `train` measures them
-    afresh at its end."""
-    torch.manual_seed(8)
-    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 2)
-    first = crl.units(model)[0]
-    with torch.no_grad():
-        first.layer.weight.mul_(5)  # outputs of variance far from BN's initial running variance of 1
-    data = signal_data(64)
-    crl.train(model, crl.Batches(data, 'train', 32, train=True), 1, 1e-4)
-    x = torch.cat([xb for xb, _ in crl.Batches(data, 'train', 64, train=False)])
-    with torch.no_grad():
-        out = first.layer(crl.augment(x))
-    torch.testing.assert_close(first.bn.running_mean, out.mean((0, 2, 3)), atol=0.1, rtol=0.05)
-    torch.testing.assert_close(first.bn.running_var, out.var((0, 2, 3)), atol=0.1, rtol=0.2)
-    assert out.var((0, 2, 3)).mean() > 5  # two steps of momentum 0.1 alone would have left it near 1
-
-
-@pytest.mark.parametrize('arch', ['vgg11', 'resnet18'])
-def test_folded_bn_computes_what_the_network_computes(arch):
-    torch.manual_seed(9)
-    model = randomise_bn(crl.build(arch, crl.dense_widths(arch, 0.125), 10)).eval()
+def test_fold_bn_folds_a_torchvision_network_too():
+    import torchvision
+    torch.manual_seed(15)
+    model = randomise_bn(torchvision.models.resnet18(num_classes=10)).eval()
     folded = crl.fold_bn(model)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
-    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())  # the original is kept
-    x = torch.randn(4, 3, 32, 32)
-    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-3, atol=1e-3)
 
 
-# --- the command line's handling of what a user saved ----------------------------------------------------------------
+# --- Part II, 16-17. What a user saved: --pretrained, load_pruned, the resume command ---------------------------------
 
 def test_pretrained_gives_the_architecture_and_width(tmp_path, tiny):
     first = tmp_path / 'first'
-    crl.main([*TINY, '--data', tiny, '--out', str(first)])
+    tiny_run(tiny, first)
     plain = [a for a in TINY if a not in ('--arch', 'vgg11', '--width', '0.0625')]
     r = crl.main([*plain, '--data', tiny, '--out', str(tmp_path / 'again'), '--pretrained', str(first / 'dense.pt')])
     assert (r['arch'], r['width']) == ('vgg11', 0.0625)
@@ -1482,248 +1389,214 @@ def test_the_resume_command_names_the_script_that_was_run(tmp_path, tiny, monkey
     assert str(e.value.code).endswith(shlex.join(['python', 'some/where/crl_prune.py', *argv, '--resume']))
 
 
-# --- latency: the final mask found by timing, the fit checked, scattered timings taken again ---------------------------
-
-class TimedByMACs:
-    """A latency cost whose 'measurement' is the MAC count of the network timed (deterministic) and whose prediction
-    is off by `error` (2: predicts twice the truth, so the predicted choice is too short)."""
-
-    def __init__(self, model, error):
-        self.macs, self.error, self.timed = crl.make_costs(model, ['macs'])['macs'], error, 0
-
-    def __call__(self, widths):
-        return self.macs(widths) * self.error
-
-    def measure_ms(self, *models, rounds=3):
-        self.timed += len(models)
-        return [crl.count(m)[1] / 1e6 for m in models], [0.0] * len(models)
-
-
-@pytest.mark.parametrize('error', [3.0, 0.4])
-def test_latency_mask_is_searched_by_timing_in_both_directions(error):
-    torch.manual_seed(10)
-    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.25), 10)
-    policy = crl.Policy(crl.group_widths(model), 0.5)
-    policy.theta.data.normal_(0, 2)
-    latency = TimedByMACs(model, error)
-    costs = {'params': crl.make_costs(model, ['params'])['params'], 'latency': latency}
-    budget = torch.tensor([0.6, 0.3], dtype=torch.float64)
-    predicted = crl.final_mask(policy, costs, budget)  # what the prediction alone would keep
-    mask, measured = crl.fit_latency(model, policy, costs, budget, 1)
-    ratio = measured['pruned_ms'] / measured['dense_ms']
-    assert ratio <= 0.3 and ratio == pytest.approx(crl.count(crl.compact(model, policy.split(mask)))[1] /
-                                                   crl.count(model)[1])
-    assert ratio >= 0.9 * 0.3  # the budget is used, whichever way the prediction erred
-    assert crl.allowed({'params': costs['params']}, budget[:1], policy.kept(mask[None]))[0]
-    assert (mask.sum() > predicted.sum()) == (error > 1)  # grown when the prediction was pessimistic, else cut
-    assert latency.timed <= 2 * 40  # a search, not a sweep: pairs of networks timed
-
-
-def test_a_degenerate_latency_fit_is_reported_and_replaced(monkeypatch):
-    """Whole-network timings that fall as networks grow (a busy machine) give a negative slope: the table says so and
-    predicts with the units' sum alone, which still rises with every width."""
-    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 10)
-    monkeypatch.setattr(crl, 'time_forward', lambda net, x, *a, **k: (sum(p.numel() for p in net.parameters()) *
-                                                                       1e-9, 0.0))  # units: time grows with size
-    monkeypatch.setattr(crl, 'time_in_turns', lambda nets, *a, **k: ([1e6 / crl.count(n)[0] for n in nets],
-                                                                      [0.0] * len(nets)))
-    table = crl.build_latency_table(model, crl.Numerics(torch.device('cpu')), 2, repeats=1)
-    fit = table['fit']
-    assert fit['degenerate'] and fit['coef'][0] < 0 and 'degenerate' in fit['note']
-    assert table['coef'] == [1.0, 0.0]
-    cost = crl.Latency(table)
-    small, dense = torch.tensor([[1] * 9]), torch.tensor([crl.group_widths(model)])
-    assert 0 < cost(small).item() < cost(dense).item() == pytest.approx(1.0)
-
-
-def test_scattered_timings_are_taken_again(monkeypatch):
-    calls = []
-
-    def fake(net, x, numerics, repeats=20, warmup=3):
-        calls.append(net)
-        return (1.0, 0.5) if len(calls) <= 4 else (0.9, 0.1)  # the first rounds scatter, the retaken ones do not
-    monkeypatch.setattr(crl, 'time_forward', fake)
-    ms, spread = crl.time_in_turns(['a', 'b'], None, crl.Numerics(torch.device('cpu')), rounds=2)
-    assert calls == ['a', 'b'] * 4 and ms == [900.0, 900.0] and spread == [0.1, 0.1]
-    calls.clear()
-    monkeypatch.setattr(crl, 'time_forward', lambda *a, **k: calls.append(1) or (1.0, 0.05))
-    assert crl.time_in_turns(['a'], None, crl.Numerics(torch.device('cpu')), rounds=3) == ([1000.0], [0.05])
-    assert len(calls) == 3  # steady timings: no second pass
-
-
-# --- crl_tp.py: CRL on unmodified torchvision models, through Torch-Pruning's dependency groups -----------------------
-
-@pytest.fixture(scope='module')
-def crl_tp():
-    pytest.importorskip('torch_pruning', reason='torch-pruning is not installed (pip install -r requirements-extras.txt)')
-    import crl_tp
-    return crl_tp
-
-
-@pytest.mark.parametrize('name', ['resnet18', 'mobilenet_v2', 'efficientnet_b0'])
-def test_traced_torchvision_costs_compaction_and_masks_are_exact(crl_tp, name):
-    """Residual additions (resnet18), depthwise convolutions (mobilenet_v2, efficientnet_b0), squeeze-excitation
-    (efficientnet_b0): the costs equal the counts of the compacted network, the compacted network computes what the
-    masked one does, a masked channel is exactly zero, and the classifier keeps its outputs."""
-    torch.manual_seed(11)
-    net = crl_tp.TracedNetwork(f'torchvision:{name}', 10, (3, 32, 32))
-    randomise_bn(net.plain)
-    costs = net.costs(['params', 'macs'])
-    dense = crl.count(net.plain)
-    policy = crl.Policy(net.widths, 0.5)
-    x = torch.randn(2, 3, 32, 32)
-    for keep in (0.3, 0.8):
-        mask = random_mask(policy, keep)
-        small = net.compact(policy.split(mask)).eval()
-        kept = policy.kept(mask[None])
-        assert [costs[c](kept).item() * d for c, d in zip(costs, dense)] == pytest.approx(crl.count(small), rel=1e-12)
-        net.model.eval()
-        with torch.no_grad():
-            masked = net.model(x, [g[None] for g in policy.split(mask)])
-            torch.testing.assert_close(small(x), masked, rtol=1e-4, atol=1e-4 * masked.abs().max().item())
-        assert small(x).shape == (2, 10)
-    assert not any(m._forward_hooks for m in net.plain.modules())  # the masks' hooks live only while they run
-    if name == 'resnet18':  # no dropout: in training, slice k of K masks is the compact network on its images alone
-        net.model.train()
-        mask = random_mask(policy)
-        small = net.compact(policy.split(mask)).train()
-        for other in (torch.ones(sum(net.widths)), random_mask(policy)):
-            out = net.model(torch.cat([x, x]), policy.split(torch.stack([mask, other])))[:2]
-            torch.testing.assert_close(out, small(x), rtol=1e-3, atol=1e-3)
-
-
-def test_traced_network_refuses_what_it_cannot_count_or_mask(crl_tp):
-    """RegNet's grouped convolutions: counts that do not follow the widths; ConvNeXt's LayerNorm across channels: a
-    masked channel still moves the statistics a removed one would not. Both refused when the costs are built."""
-    for name, message in [('regnet_x_400mf', 'counts'), ('convnext_tiny', 'other outputs')]:
-        with pytest.raises(crl.CRLError, match=message):
-            crl_tp.TracedNetwork(f'torchvision:{name}', 10, (3, 32, 32)).costs(['params'])
-
-
-def test_traced_prune_network_meets_the_budget_and_reloads(crl_tp, tmp_path):
-    import torchvision
-    torch.manual_seed(12)
-    model = torchvision.models.mobilenet_v2(num_classes=2)
-    data = signal_data(32)
-    batches = crl.Batches(data, 'train', 8, train=True)
-    small = crl_tp.prune_network(model, batches, {'params': 0.4, 'macs': 0.6}, prune_epochs=1, finetune_epochs=1,
-                                 samples=2)
-    (dp, dm), (sp, sm) = crl.count(model), crl.count(small)
-    assert sp <= 0.4 * dp and sm <= 0.6 * dm and type(small) is type(model)
-    crl_tp.save_pruned(small, tmp_path / 'small.pt', model)
-    assert not any(m._forward_hooks for m in model.modules())  # the user's model is left without hooks
-    code = ("import torch, torchvision, crl_prune; net, info = crl_prune.load_pruned('small.pt', "
-            "model=torchvision.models.mobilenet_v2(num_classes=2)); print(sum(p.numel() for p in net.parameters()))")
-    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path,
-                       env={**os.environ, 'PYTHONPATH': HERE})
-    assert r.returncode == 0, r.stderr
-    assert int(r.stdout) == sp
-
-
-def test_command_line_prunes_a_torchvision_model(crl_tp, tmp_path, tiny):
-    out = tmp_path / 'out'
-    plain = [a for a in TINY if a not in ('--arch', 'vgg11', '--width', '0.0625')]
-    r = crl.main([*plain, '--arch', 'torchvision:mobilenet_v2', '--data', tiny, '--out', str(out),
-                  '--budget', 'params=0.5,latency=0.99', '--latency-batch', '4'])
-    assert r['pruned']['params'] <= 0.5 * r['dense']['params'] and r['budget_met'] and r['fractions']['latency'] <= 0.99
-    assert set(r['latency']['fit']) >= {'coef', 'r2', 'degenerate'} and r['latency']['networks_timed'] >= 1
-    assert len(r['channels']) == 25 and r['arch'] == 'torchvision:mobilenet_v2'
-    net, info = crl.load_pruned(out / 'pruned.pt')  # rebuilt from torchvision, cut, loaded: nothing registered
-    assert crl.count(net)[0] == r['pruned']['params'] and info['widths'] == list(r['channels'].values())
-    for args, message in [(['--arch', 'torchvision:nosuchnet'], 'no classification model'),
-                          (['--arch', 'torchvision:resnet18', '--width', '0.5'], 'built-in architectures')]:
-        with pytest.raises(SystemExit, match=message):
-            crl.main([*plain, *args, '--data', tiny, '--out', str(tmp_path / 'x')])
-
-
-def test_readme_torchvision_example_runs(crl_tp, tmp_path):
-    (tmp_path / 'prune_tv.py').write_text(readme_block('# prune_tv.py'))
-    r = subprocess.run([sys.executable, 'prune_tv.py'], capture_output=True, text=True, cwd=tmp_path,
-                       env={**os.environ, 'PYTHONPATH': HERE})
-    assert r.returncode == 0, r.stderr
-    (dp, dm), (sp, sm) = [tuple(int(v) for v in part.strip('() ').split(',')) for part in r.stdout.strip().split(') (')]
-    assert sp <= 0.3 * dp and sm <= 0.5 * dm
-    assert (tmp_path / 'mobilenet_pruned.pt').exists()
-
-
-def test_latency_prediction_is_the_units_table_at_the_grid_widths():
-    """At widths on every unit's grid, the prediction is a * (the sum of the units' timed entries) + b."""
-    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 10)
-    widths = crl.group_widths(model)
-    table = {'meta': {'widths': widths}, 'coef': [1.5, 0.25], 'units': []}
-    g = torch.Generator().manual_seed(0)
-    for u in crl.units(model):
-        gin = [3] if u.inp is None else [1, widths[u.inp] // 2, widths[u.inp]]
-        gout = [10] if u.out is None else [1, widths[u.out] // 2, widths[u.out]]
-        table['units'].append({'inp': u.inp, 'out': u.out, 'grid_in': gin, 'grid_out': gout,
-                               'ms': torch.rand(len(gin), len(gout), generator=g, dtype=torch.float64)})
-    cost = crl.Latency(table)
-    for pick in (0, 1, 2):  # every group at grid point `pick`
-        w = [[1, max(1, x // 2), x][pick] for x in widths]
-        expected = sum(t['ms'][0 if t['inp'] is None else pick, 0 if t['out'] is None else pick]
-                       for t in table['units']) * 1.5 + 0.25
-        assert cost.predict_ms(torch.tensor([w])).item() == pytest.approx(expected.item())
-
-
-def test_latency_search_times_its_choice_again_before_keeping_it():
-    """A network measured within budget at 3 rounds but over it at 5 (a slow moment, or a fast one that let it
-    through) is not kept: the search steps down until the 5-round timing holds too."""
-    torch.manual_seed(13)
-    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.25), 10)
-    policy = crl.Policy(crl.group_widths(model), 0.5)
-    policy.theta.data.normal_(0, 2)
-
-    class SlowerAtFive(TimedByMACs):
-        def measure_ms(self, *models, rounds=3):
-            ms, spread = super().measure_ms(*models, rounds=rounds)
-            return ([ms[0] * (1.1 if rounds == 5 else 1.0), *ms[1:]], spread)
-    latency = SlowerAtFive(model, 1.0)
-    mask, measured = crl.fit_latency(model, policy, {'latency': latency}, torch.tensor([0.3], dtype=torch.float64), 1)
-    assert measured['pruned_ms'] / measured['dense_ms'] <= 0.3  # the 5-round timing, the last one taken
-    macs = crl.count(crl.compact(model, policy.split(mask)))[1] / crl.count(model)[1]
-    assert 1.1 * macs <= 0.3 and macs > 0.8 * 0.3 / 1.1
-
-
-def test_time_forward_is_the_median_of_the_repeats(monkeypatch):
-    clock = iter([0, 5, 5, 6, 6, 9, 9, 10, 10, 12, 12, 13, 13, 20])  # warm-up 5; then 1, 3, 1, 2, 1, 7 seconds
-    monkeypatch.setattr(crl.time, 'perf_counter', lambda: next(clock))
-    median, spread = crl.time_forward(lambda x: x, None, crl.Numerics(torch.device('cpu')), repeats=6, warmup=1)
-    assert median == 2 and spread == pytest.approx((3 - 1) / 2)  # sorted: 1 1 1 2 3 7
-
-
-def test_per_slice_batch_norm_moves_the_running_variance_towards_the_unbiased_one():
-    torch.manual_seed(14)
-    bn = nn.BatchNorm2d(3, momentum=1.0).train()
-    y = torch.randn(4 * 5, 3, 2, 2)
-    crl.batch_norm_per_slice(bn, y, 4)
-    slices = y.view(4, 5, 3, 2, 2)
-    torch.testing.assert_close(bn.running_var, slices.var((1, 3, 4), correction=1).mean(0))
-    torch.testing.assert_close(bn.running_mean, slices.mean((1, 3, 4)).mean(0))
-
-
 def test_load_pruned_rebuilds_networks_wider_than_width_one(tmp_path):
     wide = crl.build('vgg11', [80, 96, 160, 160, 320, 320, 320, 320, 256], 10)  # e.g. --width 1.25, then pruned
     crl.save_pruned(wide, tmp_path / 'wide.pt')
     net, info = crl.load_pruned(tmp_path / 'wide.pt')
     assert crl.group_widths(net) == info['widths'] == crl.group_widths(wide)
     with pytest.raises(crl.CRLError, match='do not fit'):
-        crl.shrink(crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 10), [100] * 9)
+        crl.Prunable(crl.build('vgg11', crl.dense_widths('vgg11', 0.125), 10)).shrink([100] * 9)
 
 
-def test_a_network_without_units_is_one_clear_error():
-    import torchvision
-    with pytest.raises(crl.CRLError, match='no crl_prune.Unit'):
-        crl.prune_network(torchvision.models.resnet18(num_classes=2), [(torch.randn(2, 3, 32, 32),
-                                                                        torch.zeros(2, dtype=torch.long))],
-                          {'params': 0.5})
+# --- Part II, 17. The command line: bad input -------------------------------------------------------------------------
 
 
-def test_fold_bn_folds_a_torchvision_network_too():
-    import torchvision
-    torch.manual_seed(15)
-    model = randomise_bn(torchvision.models.resnet18(num_classes=10)).eval()
-    folded = crl.fold_bn(model)
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(folded(x), model(x), rtol=1e-3, atol=1e-3)
+
+@pytest.mark.parametrize('args, message', [
+    (['--arch', 'vgg17'], 'unknown --arch'),
+    (['--budget', 'params=abc'], 'not a number'),
+    (['--budget', 'params=0'], 'in (0, 1]'),
+    (['--budget', 'params=1.5'], 'in (0, 1]'),
+    (['--budget', 'foo=0.1'], 'unknown cost'),
+    (['--budget', 'params=1e-6'], 'infeasible'),
+    (['--width', '0'], '--width'),
+    (['--samples', '1'], '--samples'),
+    (['--no-such-flag'], 'unrecognized'),
+    (['--device', 'gpu7'], '--device'),
+    (['--device', 'mps'], 'not available'),
+    (['--device', 'meta'], 'not available'),
+    (['--wd', '-1'], '--wd must be a finite number >= 0'),
+    (['--dual-lr', 'nan'], '--dual-lr must be a finite number >= 0'),
+    (['--damping', 'inf'], '--damping must be a finite number >= 0'),
+    (['--lr', 'inf'], '--lr must be a positive finite number'),
+    (['--budget', 'params=0.1,params=0.9'], 'given twice'),
+    (['--prune-epochs', '0'], '--prune-epochs must be >= 1'),
+    (['--batch-size', '1'], 'at least 2 images per sampled mask'),
+    (['--subset', '1000'], 'has only 36 images'),
+    (['--subset', '1'], 'fewer than one batch'),
+])
+def test_bad_arguments_fail_with_one_line(tmp_path, tiny, args, message):
+    with pytest.raises(SystemExit) as e:
+        crl.main(['--data', tiny, '--out', str(tmp_path / 'out'), *args])
+    assert message in str(e.value.code) and '\n' not in str(e.value.code)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_bad_data_and_checkpoints(tmp_path, tiny):
+    out = str(tmp_path / 'out')
+    cases = [(['--data', str(tmp_path / 'missing')], 'train/ and test/'),
+             (['--data', str(tmp_path)], 'train/ and test/')]
+    empty = tmp_path / 'empty'
+    (empty / 'train' / 'a').mkdir(parents=True)
+    (empty / 'test' / 'a').mkdir(parents=True)
+    cases.append((['--data', str(empty)], 'holds no images'))
+    garbage = tmp_path / 'garbage.pt'
+    garbage.write_bytes(b'not a checkpoint')
+    cases.append((['--data', tiny, '--pretrained', str(garbage)], 'cannot load'))
+    cases.append((['--data', tiny, '--pretrained', str(tmp_path / 'nope.pt')], 'no such file'))
+    wrong = tmp_path / 'wrong.pt'
+    torch.save({'state_dict': crl.build('vgg13', crl.dense_widths('vgg13', 0.0625), 3).state_dict()}, wrong)
+    cases.append((['--data', tiny, '--pretrained', str(wrong)], 'cannot load'))
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            crl.main([*TINY, '--out', out, *args])
+        assert message in str(e.value.code), args
+        assert not os.path.exists(out)
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, tiny):
+    out = tmp_path / 'results'
+    out.write_text('precious')
+    with pytest.raises(SystemExit, match='is a file'):
+        tiny_run(tiny, out)
+    assert out.read_text() == 'precious'
+
+
+def test_corrupt_image_is_named(tmp_path, tiny):
+    bad = os.path.join(tiny, 'train', 'class0', 'broken.png')
+    with open(bad, 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n not really')
+    crl.read_image_folder.cache_clear()
+    with pytest.raises(SystemExit) as e:
+        tiny_run(tiny, tmp_path / 'out')
+    assert 'cannot read image' in str(e.value.code) and 'broken.png' in str(e.value.code)
+
+
+def test_sixteen_bit_images_are_scaled_not_saturated(tmp_path):
+    from PIL import Image
+    import numpy as np
+    path = tmp_path / 'grey16.png'
+    Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(path)
+    assert Image.open(path).mode.startswith('I')
+    assert abs(int(crl.read_image(str(path))[0, 0, 0]) - 128) <= 1  # half of the range, not 255
+
+
+def test_constant_channel_gives_finite_inputs(tmp_path):
+    from PIL import Image
+    import numpy as np
+    for split, n in (('train', 8), ('test', 4)):
+        for c in ('a', 'b'):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                a = np.random.randint(0, 255, (32, 32, 3), dtype=np.uint8)
+                a[..., 2] = 7  # blue never varies
+                Image.fromarray(a).save(tmp_path / split / c / f'{i}.png')
+    args = crl.parse_args(['--data', str(tmp_path), '--batch-size', '16'])
+    data = crl.load_data(args, crl.Numerics(torch.device('cpu')))
+    assert data['std'][2] > 0
+    assert all(torch.isfinite(x).all() for x, _ in crl.Batches(data, 'train', 8, train=True))
+
+
+@pytest.mark.parametrize('flag, phase', [(['--lr', '1e30'], 'dense epoch 1'),
+                                         (['--prune-lr', '1e30'], 'prune epoch 1')])
+def test_divergence_stops_with_one_line_and_saves_no_nan_checkpoint(tmp_path, tiny, flag, phase):
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as e:
+        tiny_run(tiny, out, *flag)
+    assert phase in str(e.value.code) and 'diverged' in str(e.value.code) and '\n' not in str(e.value.code)
+    assert not (out / 'pruned.pt').exists()
+    if (out / 'dense.pt').exists():  # saved only after a finite dense phase
+        state = torch.load(out / 'dense.pt', weights_only=True)['state_dict']
+        assert all(torch.isfinite(t).all() for t in state.values())
+    if (out / 'checkpoint.pt').exists():
+        state = torch.load(out / 'checkpoint.pt', weights_only=True)['objects']['model']
+        assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_pretrained_network_keeps_its_own_input_statistics(tmp_path, tiny):
+    first = tmp_path / 'first'
+    tiny_run(tiny, first)
+    again = tmp_path / 'again'  # a subset of the data has other statistics: the checkpoint's must be used
+    tiny_run(tiny, again, '--pretrained', str(first / 'dense.pt'), '--subset', '24')
+    dense = torch.load(first / 'dense.pt', weights_only=True)
+    pruned = torch.load(again / 'pruned.pt', weights_only=True)
+    assert pruned['mean'] == dense['mean'] and pruned['std'] == dense['std']
+
+
+def test_final_mask_ranks_by_logits_beyond_float_saturation():
+    policy = crl.Policy([3], 0.5)
+    policy.theta.data = torch.tensor([20., 30., 25.])  # sigmoid rounds all three to 1.0 in float32
+    cost = {'share': lambda kept: kept[:, 0].double() / 3}
+    mask = crl.final_mask(policy, cost, torch.tensor([2 / 3], dtype=torch.float64))
+    assert mask.tolist() == [0, 1, 1]
+
+
+def test_existing_results_are_not_overwritten(tmp_path, tiny):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'results.json').write_text('precious')
+    with pytest.raises(SystemExit, match='--overwrite'):
+        tiny_run(tiny, out)
+    assert (out / 'results.json').read_text() == 'precious'
+
+
+def test_cli_error_is_one_line_on_stderr_with_nonzero_exit():
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'crl_prune.py'), '--budget', 'params=abc'],
+                       capture_output=True, text=True, cwd=HERE)
+    assert r.returncode != 0
+    assert r.stderr.strip().count('\n') == 0 and 'params=abc' in r.stderr and r.stdout == ''
+
+
+# --- Part II, 17. The command line, end to end ------------------------------------------------------------------------
+
+def test_end_to_end_tiny_run(tmp_path, tiny):
+    out = tmp_path / 'out'
+    results = tiny_run(tiny, out, '--budget', 'params=0.3,macs=0.5',
+                        '--speed', 'eager,folded')
+    saved = json.loads((out / 'results.json').read_text())
+    assert saved['budget_met'] is True and saved['budget'] == {'params': 0.3, 'macs': 0.5}
+    assert saved['pruned']['params'] <= 0.3 * saved['dense']['params']
+    assert saved['pruned']['macs'] <= 0.5 * saved['dense']['macs']
+    for part in ('dense', 'pruned'):
+        assert {'params', 'macs', 'accuracy'} <= set(saved[part])
+    assert set(saved['time_s']) >= {'dense', 'prune', 'finetune'}
+    assert [(r['mode'], r['batch']) for r in saved['speed']] == [('eager', 1), ('eager', 64), ('folded', 1),
+                                                                 ('folded', 64)]
+    for r in saved['speed']:
+        assert r['dense_ms'] > 0 and r['pruned_ms'] > 0 and r['speedup'] == pytest.approx(r['dense_ms'] / r['pruned_ms'])
+        assert r['macs_ratio'] == pytest.approx(saved['dense']['macs'] / saved['pruned']['macs'])
+    assert list(saved['channels']) == [f'conv{i}' for i in range(1, 9)] + ['fc1']
+    ckpt = torch.load(out / 'pruned.pt', weights_only=True)
+    assert ckpt['widths'] == list(saved['channels'].values())
+    small, _ = crl.load_pruned(out / 'pruned.pt')
+    assert sum(p.numel() for p in small.parameters()) == saved['pruned']['params']
+    dense, _ = crl.load_pruned(out / 'dense.pt')
+    assert sum(p.numel() for p in dense.parameters()) == saved['dense']['params']
+    assert results['pruned']['accuracy'] == saved['pruned']['accuracy']
+    # the dense checkpoint can seed a second run, which then skips dense training
+    again = tiny_run(tiny, tmp_path / 'again', '--pretrained', str(out / 'dense.pt'),
+                      '--prune-epochs', '1', '--finetune-epochs', '0')
+    assert again['dense']['accuracy'] == saved['dense']['accuracy']
+
+
+def test_reinit_keeps_the_widths_and_drops_the_inherited_weights(tmp_path, tiny):
+    runs = {flag: tiny_run(tiny, tmp_path / str(i), '--finetune-epochs', '0', *flag)
+            for i, flag in enumerate(((), ('--reinit',)))}
+    assert runs[()]['channels'] == runs[('--reinit',)]['channels']  # same seed, same policy, same widths
+    weights = [torch.load(tmp_path / str(i) / 'pruned.pt', weights_only=True)['state_dict']['convs.0.layer.weight']
+               for i in range(2)]
+    dense = torch.load(tmp_path / '0' / 'dense.pt', weights_only=True)['state_dict']['convs.0.layer.weight']
+    closest = [max(F.cosine_similarity(w[0].flatten(), d.flatten(), 0).item() for d in dense) for w in weights]
+    assert closest[0] > 0.95  # fine-tuning starts from the filters the dense network (then pruning) trained
+    assert closest[1] < 0.9   # --reinit from fresh ones
+
+
+def test_script_runs_resnet18_from_the_command_line(tmp_path, tiny):
+    out = tmp_path / 'out'
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'crl_prune.py'), *TINY, '--arch', 'resnet18',
+                        '--data', tiny, '--out', str(out), '--budget', 'macs=0.4'],
+                       capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 0, r.stderr
+    assert 'prune epoch 1' in r.stdout and 'lam macs=' in r.stdout
+    saved = json.loads((out / 'results.json').read_text())
+    assert saved['budget_met'] and saved['pruned']['macs'] <= 0.4 * saved['dense']['macs']
