@@ -340,29 +340,44 @@ class Policy(nn.Module):
 
 # --- 5. REINFORCE with a baseline on the Lagrangian reward ------------------------------------------------------------
 
-def reinforce_loss(policy, masks, reward, cost, budget, lam):
+def reinforce_loss(policy, masks, reward, cost, budget, lam, slopes=None):
     """Surrogate loss whose gradient is minus the policy gradient of the Lagrangian, for K masks.
-    reward: (K,), cost: (K, J) values C_j(m_k), budget and lam: (J,)."""
+    reward: (K,), cost: (K, J) values C_j(m_k), budget and lam: (J,); slopes: (J, groups), see `cost_slopes`."""
+    exact = 0
+    if slopes is not None:  # control variate (MuProp): C~(m) = slopes . kept(m), whose expectation is known exactly
+        cost = cost - policy.kept(masks).to(slopes) @ slopes.T   # REINFORCE sees C - C~ only ...
+        exact = (torch.sigmoid(policy.theta) @ policy.onehot).to(slopes) @ slopes.T @ lam  # ... + grad E[C~] exactly
     lagrangian = reward - (cost - budget) @ lam           # L_k = R_k - sum_j lambda_j (C_j(m_k) - b_j)
     n = len(lagrangian)
     advantage = (lagrangian - lagrangian.mean()) * n / (n - 1)  # L_k - b_k, b_k = mean of the other K-1 (unbiased)
-    return -(advantage.detach().float() * policy.log_prob(masks)).mean()  # grad: -mean_k (L_k - b_k) grad log pi(m_k)
+    return -(advantage.detach().float() * policy.log_prob(masks)).mean() + exact  # -mean_k (L_k - b_k) grad log pi
+
+
+def cost_slopes(policy, costs):
+    """Finite-difference slopes dC_j/dw_g of every cost at the policy's expected widths, (J, groups): one channel
+    fewer in each group (one more where only one is left), one call of each cost on all of them."""
+    w = policy.kept(torch.sigmoid(policy.theta.detach())[None])                   # (1, groups)
+    step = torch.where(w > 1, -1, 1)
+    values = [c(torch.cat([w, w + torch.diag(step[0])])).double() for c in costs.values()]
+    return torch.stack([(v[1:] - v[0]) / step[0] for v in values])
 
 
 # --- 6. The dual step -------------------------------------------------------------------------------------------------
 # Plain projected ascent, lambda_j <- max(0, lambda_j + eta (mean_k C_j(m_k) - b_j)), integrates the violation: while
 # the cost starts far over a small budget (0.8 against 0.1, say) lambda grows for a long time, and once the budget is
 # met it can shrink only by eta * b_j per step, so the policy keeps being pushed far below the budget. Two changes
-# damp this. The violation is measured relative to the budget and clipped, e = clip((C - b) / b, -1, 1), so lambda
-# moves by at most eta a step either way, whatever the budget: far over it, it winds up at eta; below it, it winds
-# down at eta (C - b) / b, up to eta. And a term proportional to the current violation (Platt & Barr 1988; the
-# PI-Lagrangian of Stooke et al. 2020) takes pressure off as soon as the cost nears the budget:
-#     I_j <- max(0, I_j + eta e_j),    lambda_j = max(0, I_j + damping e_j)
+# damp this. The violation is measured relative to the budget, e = (C - b) / b, and clipped to [-1, 1] where it is
+# integrated, so the integral moves by at most eta a step either way, whatever the budget: far over it, it winds up
+# at eta; below it, it winds down at eta e, up to eta. And a term proportional to the current violation (Platt & Barr
+# 1988; the PI-Lagrangian of Stooke et al. 2020) pushes as hard as the policy lags and takes pressure off as soon as
+# the cost nears the budget:
+#     I_j <- max(0, I_j + eta clip(e_j, -1, 1)),    lambda_j = max(0, I_j + damping e_j)
+# The budget b_j here is the annealed one of `prune` (section 7), so e_j stays small while the policy keeps pace.
 
 def dual_step(integral, cost, budget, eta, damping):
     """Returns the new integral term and the multipliers lambda_j = max(0, I_j + damping * e_j)."""
-    error = ((cost - budget) / budget).clamp(-1, 1)
-    integral = (integral + eta * error).clamp(min=0)   # I_j <- max(0, I_j + eta e_j): projected dual ascent
+    error = (cost - budget) / budget
+    integral = (integral + eta * error.clamp(-1, 1)).clamp(min=0)   # projected dual ascent on the clipped violation
     return integral, (integral + damping * error).clamp(min=0)
 
 
@@ -373,7 +388,7 @@ def dual_step(integral, cost, budget, eta, damping):
 # multipliers): a checkpoint saves them, and an optional resume(phase, objects) loads them back and returns the
 # epoch to continue from. Part II builds progress lines, metrics and checkpoints on these two hooks.
 
-def pruning_step(model, policy, costs, budget, lam, x, y, opt_w, opt_p, samples=8, bf16=False):
+def pruning_step(model, policy, costs, budget, lam, x, y, opt_w, opt_p, samples=8, bf16=False, control_variate=True):
     """One CRL step on the images x under the multipliers `lam`: sample K masks and score all K sub-networks in one
     forward pass (slice k of the batch is the same images under mask k: common random numbers, rewards differ only
     through the masks), then update the weights (SGD on the sub-networks' mean cross-entropy, so they adapt to them)
@@ -388,7 +403,8 @@ def pruning_step(model, policy, costs, budget, lam, x, y, opt_w, opt_p, samples=
     opt_p.zero_grad(set_to_none=True)
     # two losses on disjoint parameters, one backward: the masks carry no gradient to theta, the advantage none to
     # the weights; the reward of mask k is R_k = -ce_k
-    (ce.mean() + reinforce_loss(policy, masks, -ce.detach(), cost, budget, lam)).backward()
+    slopes = cost_slopes(policy, costs) if control_variate else None
+    (ce.mean() + reinforce_loss(policy, masks, -ce.detach(), cost, budget, lam, slopes)).backward()
     opt_w.step()
     opt_p.step()
     return ce.mean().detach(), logits.detach(), cost
@@ -402,8 +418,8 @@ def sgd(model, lr, weight_decay, steps):
 
 
 def prune(model, costs, budget, batches, epochs=10, *, samples=8, lr=0.02, weight_decay=5e-4, policy_lr=0.2,
-          dual_lr=0.01, damping=10.0, init_keep=0.9, policy=None, bf16=False, compile=False, callback=None,
-          resume=None):
+          dual_lr=0.01, damping=30.0, init_keep=0.9, anneal=1/3, control_variate=True, policy=None, bf16=False,
+          compile=False, callback=None, resume=None):
     """The pruning loop: every step of every epoch a `pruning_step` on a batch of `batches` (re-iterable, with a
     len: a list or a DataLoader of (images, labels); each batch runs K = `samples` times), then the dual step.
     costs: {name: C(widths)}, budget: fractions in the same order. Returns the policy (a new one unless given) and
@@ -415,16 +431,22 @@ def prune(model, costs, budget, batches, epochs=10, *, samples=8, lr=0.02, weigh
     policy = (policy or Policy(group_widths(model), init_keep)).to(device)
     opt_w, sched = sgd(model, lr, weight_decay, epochs * len(batches))
     opt_p = torch.optim.Adam(policy.parameters(), policy_lr)
-    state = dict(model=model, policy=policy, opt_w=opt_w, opt_p=opt_p, sched=sched,
-                 integral=torch.zeros_like(budget), lam=torch.zeros_like(budget))  # I_j and lambda_j (section 6)
+    # the budget annealed: b_t falls geometrically from the initial policy's expected cost b_0 (where it is above b)
+    # to b over the first `anneal` of the steps, b_t = b_0^(1-s) b^s with s = min(1, t / (anneal T))
+    start = torch.stack([c(policy.kept(torch.sigmoid(policy.theta.detach())[None]))[0] for c in costs.values()])
+    total = max(round(anneal * epochs * len(batches)), 1)
+    state = dict(model=model, policy=policy, opt_w=opt_w, opt_p=opt_p, sched=sched, start=start.to(budget).maximum(
+        budget), integral=torch.zeros_like(budget), lam=torch.zeros_like(budget))  # b_0, I_j and lambda_j
     net = torch.compile(model) if compile else model
     model.train()
     for epoch in range(resume('prune', state) if resume else 1, epochs + 1):
         event = dict(phase='prune', epoch=epoch, epochs=epochs, steps=len(batches), objects=state)
         for step, (x, y) in enumerate(batches, 1):
-            loss, logits, cost = pruning_step(net, policy, costs, budget, state['lam'], x, y, opt_w, opt_p, samples,
-                                              bf16)
-            state['integral'], state['lam'] = dual_step(state['integral'], cost.mean(0), budget, dual_lr, damping)
+            s = min(1.0, ((epoch - 1) * len(batches) + step) / total)
+            target = state['start'] ** (1 - s) * budget ** s
+            loss, logits, cost = pruning_step(net, policy, costs, target, state['lam'], x, y, opt_w, opt_p, samples,
+                                              bf16, control_variate)
+            state['integral'], state['lam'] = dual_step(state['integral'], cost.mean(0), target, dual_lr, damping)
             sched.step()
             if callback:
                 callback({**event, 'step': step, 'loss': loss, 'logits': logits, 'labels': y.repeat(samples),
@@ -1712,8 +1734,12 @@ def parser():
     p.add_argument('--samples', type=int, default=8, help='K, masks sampled per pruning step')
     p.add_argument('--policy-lr', type=float, default=0.2, help='Adam learning rate of the policy logits')
     p.add_argument('--dual-lr', type=float, default=0.01, help='eta, step of the dual ascent')
-    p.add_argument('--damping', type=float, default=10.0, help='weight of the proportional term of the multipliers')
+    p.add_argument('--damping', type=float, default=30.0, help='weight of the proportional term of the multipliers')
     p.add_argument('--init-keep', type=float, default=0.9, help='initial keep-probability of every channel')
+    p.add_argument('--anneal', type=float, default=1/3, help='fraction of the pruning steps over which the budget '
+                   "falls from the initial policy's expected cost to its value (0: the budget from the first step)")
+    p.add_argument('--no-control-variate', dest='control_variate', action='store_false', help="plain REINFORCE on "
+                   "the costs, without their first-order expansion as a control variate (slower to the budget)")
     p.add_argument('--reinit', action='store_true', help='train the compact network from random initialisation '
                    'for --finetune-epochs instead of fine-tuning the weights it inherits')
     p.add_argument('--channel-multiple', type=int, default=0, help='the final network keeps a multiple of this many '
@@ -1768,6 +1794,8 @@ def check_args(args):
     if args.batch_size < 2 * args.samples:
         fail(f"--batch-size {args.batch_size}: at least 2 images per sampled mask are needed (BatchNorm statistics "
              f"per mask), so at least 2 x --samples = {2 * args.samples}")
+    if not 0 <= args.anneal <= 1:
+        fail('--anneal must be in [0, 1]')
     if not 0 < args.init_keep < 1:
         fail('--init-keep must be in (0, 1)')
     unknown = set((args.speed or 'eager').split(',')) - set(SPEED_MODES)
@@ -2000,6 +2028,7 @@ class Pipeline:
         budget = self.budget.to(self.device)
         policy, lam = prune(self.model, self.costs, budget, batches, a.prune_epochs, samples=k, lr=a.prune_lr,
                             weight_decay=a.wd, policy_lr=a.policy_lr, dual_lr=a.dual_lr, damping=a.damping,
+                            anneal=a.anneal, control_variate=a.control_variate,
                             policy=Policy(self.net.widths, a.init_keep), bf16=numerics.bf16, compile=a.compile,
                             callback=self.callbacks('prune', a.prune_epochs * len(batches)),
                             resume=self.checkpoint.resume)

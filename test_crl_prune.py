@@ -316,6 +316,65 @@ def test_pruning_phase_keeps_the_channels_that_carry_the_signal():
     assert (model(x, [torch.tensor([[1., 1, 0, 0, 0, 0, 0, 0]])]).argmax(1) == y).float().mean() > 0.95
 
 
+def expected_share(event):
+    return torch.sigmoid(event['objects']['policy'].theta.detach()).mean().item()
+
+
+@pytest.mark.parametrize('epochs', [1, 3])
+def test_short_pruning_reaches_its_budget_on_the_toy_task(epochs):
+    """30 steps in all (one epoch or three), an eighth of the test above: the policy's expected cost must be within
+    10% of the budget by two thirds of them and stay there (plain REINFORCE with the budget from the first step was
+    at 0.47 then)."""
+    torch.manual_seed(0)
+    (x, y), model, policy = signal_images(), SignalToy(), crl.Policy([8], 0.9)
+    costs = {'share': lambda kept: kept[:, 0].double() / 8}
+    expected = []
+    crl.prune(model, costs, [0.25], Shuffled(x, y, 8, steps=30 // epochs), epochs, policy=policy,
+              callback=lambda e: e['step'] and expected.append(expected_share(e)))
+    assert len(expected) == 30 and max(expected[19:]) < 0.275, expected
+
+
+def test_the_budget_is_annealed_from_the_policys_expected_cost():
+    """The dual step sees b_t = b_0^(1-s) b^s: b_0 the initial policy's expected cost (7 of 8 channels), falling
+    geometrically to the budget at a third of the steps, the budget itself after."""
+    torch.manual_seed(0)
+    (x, y), model, targets = signal_images(), SignalToy(), []
+    real_dual_step = crl.dual_step
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(crl, 'dual_step', lambda i, c, b, *a: targets.append(b.item()) or real_dual_step(i, c, b, *a))
+        crl.prune(model, {'share': lambda kept: kept[:, 0].double() / 8}, [0.25], Shuffled(x, y, 8, steps=10), 3,
+                  policy=crl.Policy([8], 0.9))
+    assert len(targets) == 30 and targets[:10] == pytest.approx([0.875 ** (1 - s / 10) * 0.25 ** (s / 10)
+                                                                 for s in range(1, 11)])
+    assert targets[9:] == pytest.approx([0.25] * 21)
+
+
+def test_control_variate_leaves_the_gradient_unbiased_and_removes_a_linear_costs_noise():
+    """With a cost linear in the kept widths, its first-order expansion is exact: every sample then gives the exact
+    gradient of lambda E[C]; for a nonlinear cost the gradient's mean over many samples is unchanged."""
+    torch.manual_seed(0)
+    policy = crl.Policy([30, 20], 0.7)
+    policy.theta.data += 0.5 * torch.randn(50)
+    lam, none = torch.tensor([2.0], dtype=torch.float64), torch.zeros(8)
+
+    def grad(masks, cost, slopes):
+        policy.theta.grad = None
+        crl.reinforce_loss(policy, masks, none, cost(policy.kept(masks))[:, None], torch.zeros(1), lam,
+                           slopes).backward()
+        return policy.theta.grad.clone()
+
+    linear = lambda kept: (kept[:, 0] / 30 + 2 * kept[:, 1] / 20).double() / 3  # noqa: E731
+    slopes = crl.cost_slopes(policy, {'c': linear})
+    p = torch.sigmoid(policy.theta.detach())
+    exact = 2.0 * p * (1 - p) * torch.cat([torch.full((30,), 1 / 90), torch.full((20,), 2 / 60)])
+    assert torch.allclose(grad(policy.sample(8), linear, slopes), exact.float(), atol=1e-6)
+    bilinear = lambda kept: (kept[:, 0] * kept[:, 1]).double() / 600  # noqa: E731
+    slopes = crl.cost_slopes(policy, {'c': bilinear})
+    g = [torch.stack([grad(m, bilinear, sl) for m in [policy.sample(8) for _ in range(3000)]]) for sl in (slopes, None)]
+    assert torch.allclose(g[0].mean(0), g[1].mean(0), atol=4 * g[1].std(0).max().item() / 3000 ** 0.5)
+    assert g[0].std(0).mean() < 0.5 * g[1].std(0).mean()  # and its noise is much smaller
+
+
 @pytest.mark.parametrize('arch', ['vgg16', 'resnet18'])
 def test_final_mask_meets_and_uses_random_budgets(arch):
     torch.manual_seed(3)
