@@ -21,9 +21,9 @@ PART I, THE METHOD: self-contained; stop reading at its end and you have all of 
   2. Two worked examples  VGG and ResNet18 for CIFAR, built of Units
   3. Costs                exact parameters and MACs of any network of Units, as functions of the kept widths
   4. The policy           one Bernoulli keep-probability per channel
-  5. REINFORCE            with a leave-one-out baseline, on the Lagrangian reward
+  5. REINFORCE            with a leave-one-out baseline, on the Lagrangian reward; the costs' control variate
   6. The dual step        projected, damped ascent on the multipliers
-  7. The loops            one pruning step; the pruning loop; supervised training (dense, fine-tuning)
+  7. The loops            one pruning step; the pruning loop (its budget annealed); supervised training
   8. The final mask       the most probable channels within every budget
   9. Compaction           the smaller network, same outputs
  10. The library call     Prunable (what the stages need of a network), the four stages, prune_network
