@@ -319,10 +319,10 @@ class Policy(nn.Module):
         self.register_buffer('onehot', torch.repeat_interleave(torch.eye(len(widths)), torch.tensor(widths), 0),
                              persistent=False)
 
-    def sample(self, n):
+    def sample(self, n, generator=None):
         """n masks, an (n, channels) tensor of zeros and ones."""
         p = torch.sigmoid(self.theta.detach()).nan_to_num(0.5)  # NaN logits: caught at the end of the epoch
-        return torch.bernoulli(p.expand(n, -1))
+        return torch.bernoulli(p.expand(n, -1), generator=generator)
 
     def log_prob(self, masks):
         """log pi(m) = sum_c m_c log p_c + (1 - m_c) log(1 - p_c), one value per mask."""
@@ -387,14 +387,19 @@ def dual_step(integral, cost, budget, eta, damping):
 # epoch the same with 'step': None. 'objects' holds what the rest of the run depends on (network, optimisers, policy,
 # multipliers): a checkpoint saves them, and an optional resume(phase, objects) loads them back and returns the
 # epoch to continue from. Part II builds progress lines, metrics and checkpoints on these two hooks.
+# On several processes (data parallel, Part II) two more: `wrap(model)` runs the steps (DistributedDataParallel, which
+# averages the weights' gradients), and `reduce(t)` averages a tensor over the processes: the K rewards, before the
+# policy's update, and the BN statistics measured at the end. The processes draw the same K masks (a generator
+# seeded by the step), so their policies and multipliers stay identical without ever being sent.
 
-def pruning_step(model, policy, costs, budget, lam, x, y, opt_w, opt_p, samples=8, bf16=False, control_variate=True):
+def pruning_step(model, policy, costs, budget, lam, x, y, opt_w, opt_p, samples=8, bf16=False, control_variate=True,
+                 generator=None, reduce=None):
     """One CRL step on the images x under the multipliers `lam`: sample K masks and score all K sub-networks in one
     forward pass (slice k of the batch is the same images under mask k: common random numbers, rewards differ only
     through the masks), then update the weights (SGD on the sub-networks' mean cross-entropy, so they adapt to them)
     and the policy (REINFORCE). Returns the loss, the logits and the K sampled costs (K, J), which the dual step
     takes."""
-    masks = policy.sample(samples)
+    masks = policy.sample(samples, generator)
     with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
         logits = model(torch.cat([x] * samples), policy.split(masks))  # cat keeps channels_last
     ce = F.cross_entropy(logits.float(), y.repeat(samples), reduction='none').view(samples, -1).mean(1)
@@ -402,9 +407,10 @@ def pruning_step(model, policy, costs, budget, lam, x, y, opt_w, opt_p, samples=
     opt_w.zero_grad(set_to_none=True)
     opt_p.zero_grad(set_to_none=True)
     # two losses on disjoint parameters, one backward: the masks carry no gradient to theta, the advantage none to
-    # the weights; the reward of mask k is R_k = -ce_k
+    # the weights; the reward of mask k is R_k = -ce_k (its mean over the processes' images, with `reduce`)
     slopes = cost_slopes(policy, costs) if control_variate else None
-    (ce.mean() + reinforce_loss(policy, masks, -ce.detach(), cost, budget, lam, slopes)).backward()
+    reward = -(reduce or (lambda t: t))(ce.detach())
+    (ce.mean() + reinforce_loss(policy, masks, reward, cost, budget, lam, slopes)).backward()
     opt_w.step()
     opt_p.step()
     return ce.mean().detach(), logits.detach(), cost
@@ -419,7 +425,7 @@ def sgd(model, lr, weight_decay, steps):
 
 def prune(model, costs, budget, batches, epochs=10, *, samples=8, lr=0.02, weight_decay=5e-4, policy_lr=0.2,
           dual_lr=0.01, damping=30.0, init_keep=0.9, anneal=1/3, control_variate=True, policy=None, bf16=False,
-          compile=False, callback=None, resume=None):
+          wrap=None, reduce=None, callback=None, resume=None):
     """The pruning loop: every step of every epoch a `pruning_step` on a batch of `batches` (re-iterable, with a
     len: a list or a DataLoader of (images, labels); each batch runs K = `samples` times), then the dual step.
     costs: {name: C(widths)}, budget: fractions in the same order. Returns the policy (a new one unless given) and
@@ -436,16 +442,18 @@ def prune(model, costs, budget, batches, epochs=10, *, samples=8, lr=0.02, weigh
     start = torch.stack([c(policy.kept(torch.sigmoid(policy.theta.detach())[None]))[0] for c in costs.values()])
     total = max(round(anneal * epochs * len(batches)), 1)
     state = dict(model=model, policy=policy, opt_w=opt_w, opt_p=opt_p, sched=sched, start=start.to(budget).maximum(
-        budget), integral=torch.zeros_like(budget), lam=torch.zeros_like(budget))  # b_0, I_j and lambda_j
-    net = torch.compile(model) if compile else model
+        budget), integral=torch.zeros_like(budget), lam=torch.zeros_like(budget),  # b_0, I_j and lambda_j
+        seed=torch.randint(2 ** 62, ()))  # the masks of step t come from a generator seeded with seed + t
+    net, generator = (wrap or (lambda m: m))(model), torch.Generator(device)
     model.train()
     for epoch in range(resume('prune', state) if resume else 1, epochs + 1):
         event = dict(phase='prune', epoch=epoch, epochs=epochs, steps=len(batches), objects=state)
         for step, (x, y) in enumerate(batches, 1):
             s = min(1.0, ((epoch - 1) * len(batches) + step) / total)
             target = state['start'] ** (1 - s) * budget ** s
+            generator.manual_seed(state['seed'].item() + (epoch - 1) * len(batches) + step)
             loss, logits, cost = pruning_step(net, policy, costs, target, state['lam'], x, y, opt_w, opt_p, samples,
-                                              bf16, control_variate)
+                                              bf16, control_variate, generator, reduce)
             state['integral'], state['lam'] = dual_step(state['integral'], cost.mean(0), target, dual_lr, damping)
             sched.step()
             if callback:
@@ -459,13 +467,13 @@ def prune(model, costs, budget, batches, epochs=10, *, samples=8, lr=0.02, weigh
     return policy, state['lam']
 
 
-def train(model, batches, epochs, lr=0.1, *, weight_decay=5e-4, bf16=False, compile=False, phase='train',
+def train(model, batches, epochs, lr=0.1, *, weight_decay=5e-4, bf16=False, wrap=None, reduce=None, phase='train',
           callback=None, resume=None):
     """Supervised training of a whole network (the dense one, then the compact one), its BN statistics measured
     afresh on the final weights at the end (a short phase leaves its running averages far from them)."""
     opt, sched = sgd(model, lr, weight_decay, epochs * len(batches))
     objects = dict(model=model, opt=opt, sched=sched)
-    net = torch.compile(model) if compile else model
+    net = (wrap or (lambda m: m))(model)
     model.train()
     for epoch in range(resume(phase, objects) if resume else 1, epochs + 1):
         event = dict(phase=phase, epoch=epoch, epochs=epochs, steps=len(batches), objects=objects)
@@ -480,17 +488,17 @@ def train(model, batches, epochs, lr=0.1, *, weight_decay=5e-4, bf16=False, comp
             if callback:
                 callback({**event, 'step': step, 'loss': loss.detach(), 'logits': logits.detach(), 'labels': y})
         if epoch == epochs:  # before the epoch's callback, so that a checkpoint of it holds the statistics
-            recalibrate_bn(model, batches, bf16=bf16)
+            recalibrate_bn(model, batches, bf16=bf16, reduce=reduce)
         if callback:
             callback({**event, 'step': None})
     return model
 
 
 @torch.no_grad()
-def recalibrate_bn(model, batches, n=20, bf16=False):
-    """BN running statistics of the network itself, averaged over `n` training batches: after pruning they replace
-    the statistics that many sampled masks accumulated together in the dense network. The model's modes and BN
-    momenta are left as they were."""
+def recalibrate_bn(model, batches, n=20, bf16=False, reduce=None):
+    """BN running statistics of the network itself, averaged over `n` training batches (and over the processes,
+    with `reduce`): after pruning they replace the statistics that many sampled masks accumulated together in the
+    dense network. The model's modes and BN momenta are left as they were."""
     bns = {m: m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     modes = {m: m.training for m in model.modules()}
     for m in bns:
@@ -502,6 +510,9 @@ def recalibrate_bn(model, batches, n=20, bf16=False):
             model(x)
     for m, momentum in bns.items():
         m.momentum = momentum
+        if reduce:
+            m.running_mean.copy_(reduce(m.running_mean))
+            m.running_var.copy_(reduce(m.running_var))
     for m, mode in modes.items():
         m.training = mode
 
@@ -641,7 +652,7 @@ def checked_budget(budget, costs, net, multiple=1):
     return {n: costs[n] for n in names}, torch.tensor([budget[n] for n in names], dtype=torch.float64)
 
 
-def final_network(net, policy, costs, budget, multiple=1, batches=None, bf16=False):
+def final_network(net, policy, costs, budget, multiple=1, batches=None, bf16=False, reduce=None):
     """Stage 3 (after stage 2, `prune`): the final mask (section 8; found by measuring, where a cost is measured),
     the compact network (section 9) and its BN statistics measured on `batches`. Returns the network and the mask."""
     measured = [c for c in costs.values() if hasattr(c, 'search')]
@@ -649,7 +660,7 @@ def final_network(net, policy, costs, budget, multiple=1, batches=None, bf16=Fal
         final_mask(policy, costs, budget, multiple)
     small = net.compact(policy.split(mask))
     if batches is not None:
-        recalibrate_bn(small, batches, bf16=bf16)
+        recalibrate_bn(small, batches, bf16=bf16, reduce=reduce)
     return small, mask
 
 
@@ -699,6 +710,7 @@ import time  # noqa: E402
 # 16. Saving, loading, export and inference speed
 # 17. The command line     every input checked before any long work, then Part I's stages phase by phase
 
+
 def fail(message):
     raise CRLError(message)
 
@@ -708,9 +720,61 @@ def first_line(e):
     return (str(e).strip().splitlines() or [''])[0][:200]
 
 
+# Several processes (torchrun): every process runs the whole pipeline on its shard of the data; these are the few
+# places where they meet. Outside torchrun each is a no-op.
+
+def rank_and_world():
+    """This process's rank and the number of processes (0 and 1 outside torchrun)."""
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def all_reduce(t, op='mean'):
+    """`t` averaged (op 'mean') or summed ('sum') over the processes, a new tensor."""
+    if rank_and_world()[1] == 1:
+        return t
+    t = t.clone()
+    torch.distributed.all_reduce(t)  # a sum (gloo has no average)
+    return t / rank_and_world()[1] if op == 'mean' else t
+
+
+def barrier():
+    if rank_and_world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def on_rank0(fn):
+    """fn() computed by process 0 alone and sent to every process (CPU tensors, numbers): what must not differ
+    between them (timings). Inside fn, on_rank0 just calls."""
+    if rank_and_world()[1] == 1 or on_rank0.inside:
+        return fn()
+    on_rank0.inside = True
+    try:
+        result = [fn() if rank_and_world()[0] == 0 else None]
+    finally:
+        on_rank0.inside = False
+    torch.distributed.broadcast_object_list(result, 0)
+    return result[0]
+
+
+on_rank0.inside = False
+
+
+def identical(t, what):
+    """Fail, in every process, where `t` is not the same in all of them (a divergence is an error, not silent)."""
+    if rank_and_world()[1] > 1:
+        ref = t.clone()
+        torch.distributed.broadcast(ref, 0)
+        if all_reduce((ref != t).any().float(), 'sum').item():
+            fail(f"the processes ended with different {what}; they must stay identical (a nondeterministic cost?)")
+
+
 # --- 11. Data ---------------------------------------------------------------------------------------------------------
-# The whole dataset lives on the device as one uint8 tensor; batches are gathered, normalised and augmented there as
-# batched tensor ops (no per-image PIL work, no DataLoader). On CUDA: channels_last and bf16 autocast (`Numerics`).
+# Every image is decoded once to a `size` x `size` uint8 tensor (`decode`). Two paths bring those to the loops: the
+# in-memory one holds a split as one uint8 tensor on the device (CIFAR: 150 MB; what makes the CIFAR pipeline fast),
+# the streaming one decodes each batch from the image folder in a DataLoader's worker processes (data that does not
+# fit). Both end in the same `Batches`: normalisation and augmentation as batched tensor ops on the device. Under
+# torchrun each process takes its own shard of every pass (section 17).
 
 class Numerics:
     """How networks run: the device, bf16 autocast (matrix products in bfloat16; losses, rewards and costs in
@@ -738,10 +802,11 @@ class Numerics:
         return {'device': str(self.device), 'bf16': self.bf16, 'channels_last': self.channels_last}
 
 
-def read_image(path):
-    """One image as a (32, 32, 3) uint8 array. 16-bit grey images are scaled to 8 bits (PIL's RGB conversion would
-    saturate them); an alpha channel is dropped, as torchvision's loader does. An unreadable file is a one-line
-    error naming it."""
+def decode(path, size, resize):
+    """One image as a (3, size, size) uint8 tensor: its shorter side resized to `resize` (bilinear, antialiased),
+    then its centre `size` x `size` crop (images already of that size are left as they are). 16-bit grey images
+    are scaled to 8 bits (PIL's RGB conversion would saturate them); an alpha channel is dropped, as torchvision's
+    loader does. An unreadable file is a one-line error naming it."""
     import numpy as np
     from PIL import Image
     try:
@@ -750,22 +815,84 @@ def read_image(path):
             if img.mode.startswith('I'):  # 16- or 32-bit integer pixels
                 a = np.asarray(img).astype(np.float64)
                 img = Image.fromarray((a * 255 / (65535 if a.max() > 255 else 255)).clip(0, 255).astype(np.uint8))
-            return np.asarray(img.convert('RGB').resize((32, 32)))
+            img = img.convert('RGB')
+            if img.size != (size, size):
+                w, h = img.size
+                w, h = (resize, max(round(h * resize / w), resize)) if w <= h else (max(round(w * resize / h),
+                                                                                        resize), resize)
+                img = img.resize((w, h), Image.BILINEAR, reducing_gap=None)
+                left, top = (w - size) // 2, (h - size) // 2
+                img = img.crop((left, top, left + size, top + size))
+            return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
     except OSError as e:
         fail(f"--data: cannot read image {path} ({first_line(e)})")
 
 
+def resize_for(size, train):
+    """The shorter side an image is resized to before its centre crop: `size` for training images (augmentation
+    crops them further) and at 32 px or less (CIFAR's recipe); above 32 px, test images as torchvision's reference
+    recipes evaluate them, resized to size / 0.875 (e.g. 256 for 224)."""
+    return size if train or size <= 32 else round(size / 0.875)
+
+
+class Folder(torch.utils.data.Dataset):
+    """An ImageFolder split decoded at `size` px (what the streaming path's workers read): (uint8 image, label)."""
+
+    def __init__(self, root, size, train):
+        import torchvision
+        ds = torchvision.datasets.ImageFolder(root)
+        self.samples, self.labels, self.classes = [s[0] for s in ds.samples], torch.tensor(ds.targets), ds.classes
+        self.size, self.resize = size, resize_for(size, train)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return decode(self.samples[i], self.size, self.resize), self.labels[i]
+
+
+class InMemory:
+    """A split as one uint8 tensor (N, 3, H, W) and its labels, on the device; batches by indexing."""
+
+    def __init__(self, x, y, device):
+        self.x, self.labels, self.device = x.to(device), y.to(device), device
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batches(self, index_batches):
+        for idx in index_batches:
+            idx = idx.to(self.device)
+            yield self.x[idx], self.labels[idx]
+
+
+class Streamed:
+    """A split read from its image folder batch by batch: `workers` processes decode, the main one moves batches to
+    the device (from pinned memory on CUDA)."""
+
+    def __init__(self, folder, device, workers):
+        self.folder, self.labels, self.device, self.workers = folder, folder.labels, device, workers
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batches(self, index_batches):
+        loader = torch.utils.data.DataLoader(self.folder, batch_sampler=[i.tolist() for i in index_batches],
+                                             num_workers=self.workers, pin_memory=self.device.type == 'cuda',
+                                             prefetch_factor=4 if self.workers else None)
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
 @functools.lru_cache(maxsize=4)  # a process that runs main() many times (bench/compare.py) decodes each folder once
-def read_image_folder(root):
-    """An ImageFolder directory as (uint8 images (N, 3, 32, 32), labels, class names); images resized to 32x32,
-    decoded by a pool of threads (PIL releases the GIL while it decodes)."""
-    import numpy as np
-    import torchvision
+def read_image_folder(root, size=32, train=True):
+    """An ImageFolder directory decoded at `size` px, as (uint8 images (N, 3, size, size), labels, class names), by a
+    pool of threads (PIL releases the GIL while it decodes)."""
     from concurrent.futures import ThreadPoolExecutor
-    ds = torchvision.datasets.ImageFolder(root)
+    folder = Folder(root, size, train)
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        x = np.stack(list(pool.map(lambda s: read_image(s[0]), ds.samples, chunksize=256)))
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
+        x = torch.stack(list(pool.map(lambda s: decode(s, size, folder.resize), folder.samples, chunksize=256)))
+    return x, folder.labels, folder.classes
 
 
 def image_folder_splits(data):
@@ -786,59 +913,156 @@ def image_folder_splits(data):
     return os.path.join(data, 'train'), test, classes[0]
 
 
-def load_data(args, numerics):
-    """{'train': (x, y), 'test': (x, y), 'classes': names, 'mean': ..., 'std': ..., 'numerics': ...}, the images
-    uint8 on the device."""
+def image_size(args):
+    """(--image-size, or the data's own size, and a note where images differ in size): CIFAR's 32; for an image
+    folder, the size of its images where the 64 spread through its training split share one square size, else the
+    median shorter side, with a note that images are resized and centre-cropped."""
+    if not args.data:
+        return args.image_size or 32, None
+    from PIL import Image
+    import torchvision
+    samples = torchvision.datasets.ImageFolder(image_folder_splits(args.data)[0]).samples
+    sizes = []
+    for path, _ in samples[::max(len(samples) // 64, 1)]:
+        try:
+            with Image.open(path) as img:
+                sizes.append(img.size)
+        except OSError as e:
+            fail(f"--data: cannot read image {path} ({first_line(e)})")
+    size = args.image_size or (sizes[0][0] if all(s == (sizes[0][0],) * 2 for s in sizes) else
+                               sorted(min(s) for s in sizes)[len(sizes) // 2])
+    if all(s == (size, size) for s in sizes):
+        return size, None
+    seen = ', '.join(sorted({f'{w}x{h}' for w, h in sizes})[:4])
+    return size, (f"images of {seen}{', ...' if len(set(sizes)) > 4 else ''} are resized (shorter side) and "
+                  f"centre-cropped to {size}x{size}" + ('' if args.image_size else '; --image-size sets the size'))
+
+
+def fits_in_memory(n, size, device, processes=1):
+    """Whether n decoded images of `size` px fit a quarter of the device's memory (the host's free memory on the
+    CPU), shared by the processes on this machine."""
+    if device.type == 'cuda':
+        free = torch.cuda.get_device_properties(device).total_memory
+    else:
+        free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / processes
+    return n * 3 * size * size < free / 4
+
+
+IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+
+
+def load_data(args, numerics, size=32):
+    """{'train': split, 'test': split, 'classes': names, 'mean': ..., 'std': ..., 'size', 'streamed', 'numerics'},
+    each split an `InMemory` or `Streamed` of uint8 images at `size` px."""
+    device, rank, world = numerics.device, *rank_and_world()
     if args.data:
         train_dir, test_dir, _ = image_folder_splits(args.data)
-        (xtr, ytr, classes), (xte, yte, _) = read_image_folder(train_dir), read_image_folder(test_dir)
+        folders = [Folder(train_dir, size, True), Folder(test_dir, size, False)]
+        n = args.subset or len(folders[0])
+        streamed = args.loader == 'stream' or args.loader == 'auto' and not fits_in_memory(
+            n + len(folders[1]), size, device, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+        splits = [(Streamed(f, device, args.workers) if streamed else
+                   InMemory(*read_image_folder(d, size, f is folders[0])[:2], device))
+                  for f, d in zip(folders, (train_dir, test_dir))]
+        classes = folders[0].classes
     else:
         import torchvision
         cls = torchvision.datasets.CIFAR10 if args.dataset == 'cifar10' else torchvision.datasets.CIFAR100
         try:
-            tr, te = (cls(args.data_root, train=t, download=True) for t in (True, False))
+            if rank == 0:  # one process downloads, the others wait for it
+                cls(args.data_root, download=True)
+            barrier()
+            tr, te = (cls(args.data_root, train=t) for t in (True, False))
         except Exception as e:
             fail(f"could not download {args.dataset} into {args.data_root} ({type(e).__name__}); without internet, "
                  f"pass --data DIR, a folder of images in ImageFolder layout (train/ and test/)")
-        (xtr, ytr), (xte, yte) = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets))
-                                  for d in (tr, te)]
-        classes = tr.classes
-    if args.subset > len(xtr):
-        fail(f"--subset {args.subset}: the training set has only {len(xtr)} images")
+        x = [torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous() for d in (tr, te)]
+        if size != 32:
+            x = [F.interpolate(t.float(), size, mode='bilinear', antialias=True).round().clamp(0, 255).byte()
+                 for t in x]
+        splits, streamed, classes = [InMemory(t, torch.tensor(d.targets), device) for t, d in zip(x, (tr, te))], \
+            False, tr.classes
+    if args.subset > len(splits[0]):
+        fail(f"--subset {args.subset}: the training set has only {len(splits[0])} images")
     if args.subset:
-        keep = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))[:args.subset]
-        xtr, ytr = xtr[keep], ytr[keep]
-    if len(xtr) < args.batch_size:  # BatchNorm needs whole batches (BN1d after fc1: more than one value per channel)
-        fail(f"{len(xtr)} training images, fewer than one batch (--batch-size {args.batch_size}); lower --batch-size "
-             f"or raise --subset")
-    mean = xtr.float().mean((0, 2, 3)) / 255
-    std = (xtr.float().std((0, 2, 3)) / 255).clamp(min=1 / 255)  # a constant channel must not divide by zero
-    device = numerics.device
-    return {'train': (xtr.to(device), ytr.to(device)), 'test': (xte.to(device), yte.to(device)), 'classes': classes,
-            'mean': mean, 'std': std, 'numerics': numerics}
+        keep = torch.randperm(len(splits[0]), generator=torch.Generator().manual_seed(0))[:args.subset]
+        splits[0] = subset(splits[0], keep)
+    if len(splits[0]) < args.batch_size * world:  # BatchNorm needs whole batches (BN1d after fc1: more than one value)
+        fail(f"{len(splits[0])} training images, fewer than one batch (--batch-size {args.batch_size}"
+             + (f" on each of {world} processes" if world > 1 else '') + "); lower --batch-size or raise --subset")
+    mean, std = channel_statistics(splits[0])
+    return {'train': splits[0], 'test': splits[1], 'classes': classes, 'mean': mean, 'std': std, 'size': size,
+            'streamed': streamed, 'numerics': numerics}
 
 
-def augment(x):
-    """Pad-4 random crop and random horizontal flip of a whole batch (N, C, H, W) at once, as one gather."""
+def subset(split, keep):
+    """The images `keep` of a split."""
+    if isinstance(split, InMemory):
+        return InMemory(split.x[keep.to(split.device)], split.labels[keep.to(split.device)], split.device)
+    folder = copy.copy(split.folder)
+    folder.samples, folder.labels = [folder.samples[i] for i in keep.tolist()], folder.labels[keep]
+    return Streamed(folder, split.device, split.workers)
+
+
+@torch.no_grad()
+def channel_statistics(split, n=10000):
+    """Mean and standard deviation of each colour channel in [0, 1], over the split (at most `n` images of it,
+    spread through it, for a streamed split). A constant channel's deviation is 1/255, so it never divides by 0."""
+    index = torch.arange(len(split))
+    if isinstance(split, Streamed):
+        index = index[::max(len(split) // n, 1)]
+    s = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for x, _ in split.batches(index.split(500)):
+        x = x.double().cpu() / 255
+        s = s[0] + x.sum((0, 2, 3)), s[1] + (x * x).sum((0, 2, 3))
+    count = len(index) * x.shape[2] * x.shape[3]
+    mean = s[0] / count
+    return mean.float(), ((s[1] / count - mean ** 2).clamp(min=0) * count / max(count - 1, 1)).sqrt().float().clamp(
+        min=1 / 255)
+
+
+def augment(x, generator=None):
+    """Pad-4 random crop and random horizontal flip of a whole batch (N, C, H, W) at once, as one gather: CIFAR's
+    augmentation, for images of 32 px or less."""
     n, c, h, w = x.shape
     x = F.pad(x, (4, 4, 4, 4))  # after normalisation: pads with the mean colour
-    dev = x.device
-    i, j = torch.randint(0, 9, (n, 1, 1, 1), device=dev), torch.randint(0, 9, (n, 1, 1, 1), device=dev)
-    flip = torch.rand(n, 1, 1, 1, device=dev) < 0.5
+    dev, g = x.device, dict(generator=generator, device=x.device)
+    i, j = torch.randint(0, 9, (n, 1, 1, 1), **g), torch.randint(0, 9, (n, 1, 1, 1), **g)
+    flip = torch.rand(n, 1, 1, 1, **g) < 0.5
     cols = torch.arange(w, device=dev).view(1, 1, 1, w)
     cols = j + torch.where(flip, w - 1 - cols, cols)
     rows = i + torch.arange(h, device=dev).view(1, 1, h, 1)
     return x[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1), rows, cols]
 
 
+def random_resized_crop(x, generator=None, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop and RandomHorizontalFlip, the augmentation of its reference recipes, for a
+    whole batch at once as one bilinear resampling: each image's crop covers a random fraction of its area in `scale`
+    with a log-uniform aspect ratio in `ratio` (shrunk to fit the image where it would not), at a random position,
+    flipped with probability 1/2, and is resized to the image's size."""
+    n, g = len(x), dict(generator=generator, device=x.device)
+    area = torch.rand(n, **g) * (scale[1] - scale[0]) + scale[0]
+    aspect = torch.exp(torch.rand(n, **g) * math.log(ratio[1] / ratio[0]) + math.log(ratio[0]))
+    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # fractions of the side
+    flip = torch.where(torch.rand(n, **g) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=x.device)  # output coordinates in [-1, 1] -> input coordinates
+    theta[:, 0, 0], theta[:, 1, 1] = w * flip, h
+    theta[:, 0, 2], theta[:, 1, 2] = (torch.rand(n, **g) * 2 - 1) * (1 - w), (torch.rand(n, **g) * 2 - 1) * (1 - h)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), mode='bilinear', padding_mode='reflection', align_corners=False)
+
+
 class Batches:
     """Normalised batches of one split, as Part I's loops take them: re-iterable, with a len. When training:
-    shuffled afresh every pass, augmented, no short last batch, at most `steps` batches a pass."""
+    shuffled afresh every pass, augmented (`augment` at 32 px or less, else `random_resized_crop`), no short last
+    batch, at most `steps` batches a pass. Under torchrun, each process gets its shard of every pass: the order is
+    drawn from a seed all processes draw alike (from the global random stream, which they keep in step), the
+    augmentation from a generator of each process's own."""
 
     def __init__(self, data, split, batch_size, train, steps=None):
-        self.x, self.y = data[split]
-        self.data, self.batch_size, self.train = data, batch_size, train
-        n = len(self.y)
+        self.split, self.data, self.batch_size, self.train = data[split], data, batch_size, train
+        self.rank, self.world = rank_and_world()
+        n = len(self.split) // self.world if train else math.ceil(len(self.split) / self.world)
         self.count = max(n // batch_size, 1) if train else math.ceil(n / batch_size)
         self.count = min(self.count, steps or self.count)
 
@@ -846,29 +1070,33 @@ class Batches:
         return self.count
 
     def __iter__(self):
-        x, y, n = self.x, self.y, len(self.y)
-        mean, std = (t.to(x.device).view(1, -1, 1, 1) for t in (self.data['mean'], self.data['std']))
-        order = torch.randperm(n, device=x.device) if self.train else torch.arange(n, device=x.device)
-        for b in range(self.count):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            xb = (x[idx].float() / 255 - mean) / std
+        n, device = len(self.split), self.data['numerics'].device
+        mean, std = (t.to(device).view(1, -1, 1, 1) for t in (self.data['mean'], self.data['std']))
+        seed = torch.randint(2 ** 62, ()).item() if self.train else 0  # the same in every process
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if self.train else torch.arange(n)
+        order = order[self.rank::self.world]
+        augmentation = torch.Generator(device).manual_seed(seed + 1 + self.rank)
+        crop = augment if self.data['size'] <= 32 else random_resized_crop
+        for x, y in self.split.batches(order.split(self.batch_size)[:self.count]):
+            xb = (x.float() / 255 - mean) / std
             if self.train:
-                xb = augment(xb)
+                xb = crop(xb, augmentation)
             if self.data['numerics'].channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, y[idx]
+            yield xb, y
 
 
 @torch.no_grad()
 def evaluate(model, data):
-    """Top-1 accuracy on the test split, in eval mode (BN running statistics); the model is left in train mode."""
+    """Top-1 accuracy on the test split, in eval mode (BN running statistics); the model is left in train mode.
+    Under torchrun each process scores its shard and the counts are summed."""
     model.eval()
-    correct = torch.zeros((), device=data['test'][0].device)
-    for xb, yb in Batches(data, 'test', 1000, train=False):
+    correct = torch.zeros((), device=data['numerics'].device)
+    for xb, yb in Batches(data, 'test', 500, train=False):
         with data['numerics'].autocast():
             correct += (model(xb).argmax(1) == yb).sum()
     model.train()
-    return correct.item() / len(data['test'][1])
+    return all_reduce(correct, 'sum').item() / len(data['test'])
 
 
 # --- 12. Networks the tool prunes ------------------------------------------------------------------------------------
@@ -903,11 +1131,54 @@ def plugin():
              f"requirements-extras.txt): {first_line(e)}")
 
 
-def network(arch, width, classes, input_shape=(3, 32, 32)):
-    """The dense network --arch names, as a `Prunable`: built-in, or torchvision:NAME through crl_tp."""
+def network(arch, width, classes, input_shape=(3, 32, 32), weights=None):
+    """The dense network --arch names, as a `Prunable`: built-in, or torchvision:NAME through crl_tp (`weights`: a
+    torchvision state dict to start from, its classifier replaced for `classes`)."""
     if str(arch).startswith('torchvision:'):
-        return plugin().TracedNetwork(arch, classes, input_shape)
-    return Network(build(arch, dense_widths(arch, width), classes), input_shape)
+        return plugin().TracedNetwork(arch, classes, input_shape, weights=weights)
+    model = build(arch, dense_widths(arch, width), classes)
+    check_input_size(model, input_shape, arch)
+    return Network(model, input_shape)
+
+
+@torch.no_grad()
+def check_input_size(model, input_shape, arch):
+    """One line, before any work, where images of `input_shape` are too small for the network."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    except RuntimeError as e:
+        fail(f"{arch}: images of {input_shape[1]}x{input_shape[2]} px are too small for it ({first_line(e)}); "
+             f"raise --image-size")
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def torchvision_weights(args, classes):
+    """The state dict --pretrained gives a torchvision model: torchvision's own weights ('torchvision': its DEFAULT
+    ones, downloaded once into torch's hub cache) or a file in torchvision's format. Offline, one line that says
+    where the file goes."""
+    import torchvision
+    name = args.arch.partition(':')[2]
+    if args.pretrained != 'torchvision':
+        try:
+            state = torch.load(args.pretrained, map_location='cpu', weights_only=True)
+        except Exception as e:
+            fail(f"--pretrained {args.pretrained}: cannot load it ({type(e).__name__}: {first_line(e)})")
+        return state.get('state_dict', state) if isinstance(state, dict) else fail(
+            f"--pretrained {args.pretrained}: not a state dict")
+    try:
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+    except (ValueError, AttributeError, KeyError):
+        fail(f"--pretrained torchvision: torchvision has no pretrained weights for {name}")
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+    try:
+        return on_rank0(lambda: torch.hub.load_state_dict_from_url(url, progress=False, weights_only=True)) if \
+            not os.path.exists(path) else torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        fail(f"--pretrained torchvision: cannot download {url} ({type(e).__name__}: {first_line(e)}); offline, "
+             f"download that file elsewhere and put it at {path}")
 
 
 def as_network(model, input_shape=(3, 32, 32)):
@@ -1088,13 +1359,20 @@ class MeasuredCost:
 
     @torch.no_grad()
     def measure(self, small, dense, rounds=3):
-        models = [copy.deepcopy(m).eval() for m in (small, dense)]  # the user's network is left as it is
-        (small_value, dense_value), spread = self.measurements(*models, rounds=rounds)
-        self.last = {'pruned': small_value, 'dense': dense_value, 'scatter': max(spread)}
-        return small_value / dense_value
+        def run():  # under torchrun, by process 0 alone: every process must take the same decisions
+            models = [copy.deepcopy(m).eval() for m in (small, dense)]  # the user's network is left as it is
+            (small_value, dense_value), spread = self.measurements(*models, rounds=rounds)
+            return {'pruned': small_value, 'dense': dense_value, 'scatter': max(spread)}
+        self.last = on_rank0(run)
+        return self.last['pruned'] / self.last['dense']
 
     def search(self, net, policy, costs, budget, multiple):
-        return measured_final_mask(net, policy, costs, budget, multiple)
+        measured = [c for c in costs.values() if hasattr(c, 'measure')]
+        mask, finals = on_rank0(lambda: (measured_final_mask(net, policy, costs, budget, multiple).cpu(),
+                                         [c.final for c in measured]))
+        for c, final in zip(measured, finals):
+            c.final = final
+        return mask.to(policy.theta.device)
 
     def results(self, measured, kept, budget):
         """What results.json records of the final network's measurement (`measured`: what the search measured), and
@@ -1194,8 +1472,9 @@ def measured_final_mask(net, policy, costs, budget, multiple):
         lo, hi = (i, hi) if meets(i) else (lo, i)
         i = lo + step if hi == len(candidates) else hi - step if lo == -1 else (lo + hi) // 2
         i, step = min(max(i, lo + 1), hi - 1), step * 2
-    while lo > 0 and not meets(lo, rounds=5):  # one slow moment must not keep a network over its budget...
-        lo = lo * 19 // 20  # ... nor cost many channels: step down 5% at a time
+    tries = 0  # one slow moment must not keep a network over its budget, nor cost many channels: 5% steps down,
+    while lo > 0 and not meets(lo, rounds=5):  # then halves (a machine busy throughout must not make this endless)
+        lo, tries = lo * 19 // 20 if tries < 8 else lo // 2, tries + 1
     chosen = max(lo, 0)
     if chosen not in timings:
         meets(chosen)
@@ -1230,10 +1509,11 @@ def latency_cost(net, args):
         build_s = 0.0
     else:
         t0 = time.time()
-        table = latency_table(net, numerics, args.latency_batch)
+        table = on_rank0(lambda: latency_table(net, numerics, args.latency_batch))  # timed once, sent to all
         build_s = time.time() - t0
-        os.makedirs(args.out, exist_ok=True)
-        save_atomic(table, os.path.join(args.out, 'latency_table.pt'))
+        if rank_and_world()[0] == 0:
+            os.makedirs(args.out, exist_ok=True)
+            save_atomic(table, os.path.join(args.out, 'latency_table.pt'))
         print(f"latency model: timed on {table['meta']['device']} at batch {args.latency_batch} in {build_s:.1f} s; "
               f"dense network {table['dense_ms']:.3f} ms; fit R^2 {table['fit']['r2']:.2f}"
               + (f"; note: {table['fit']['note']}" if table['fit'].get('note') else ''))
@@ -1364,8 +1644,9 @@ class Progress:
         self.phase, self.every, self.device, self.warmup = phase, every, device, warmup
         self.cost_names, self.total_steps, self.metrics = list(cost_names), total_steps, metrics
         self.sums = torch.zeros(2 + len(self.cost_names), device=device, dtype=torch.float64)
-        self.images = self.seen = self.steps = 0
-        self.start = self.tick = time.time()
+        self.images = self.seen = self.steps = 0  # this process's; the rates count every process's images
+        self.start, self.world = time.time(), rank_and_world()[1]
+        self.tick = self.start
         self.warm = None  # (time, images) once the warm-up steps are done
 
     def __call__(self, event):
@@ -1408,13 +1689,14 @@ class Progress:
             fail(f"{self.phase} epoch {epoch} step {step}: the loss or a cost became {s[0] / n} (NaN or inf); "
                  f"training diverged, most likely a learning rate too high for this network (--lr, --prune-lr)")
         done = (epoch - 1) * steps + step  # steps of the phase so far, counted from its start even after a resume
-        rate, eta = n / (now - self.tick), self.eta(now, max(self.total_steps - done, 0))
+        rate, eta = self.world * n / (now - self.tick), self.eta(now, max(self.total_steps - done, 0))
         text, values = self.describe([v / n for v in s[2:]], objects)
         print(f"{self.phase} epoch {epoch} step {step}/{steps} loss {s[0] / n:.3f} acc {s[1] / n:.3f} img/s "
               f"{rate:.0f} eta {duration(eta)} {text}".rstrip(), flush=True)
         if self.metrics:
-            self.metrics.log(self.phase, epoch, done, round(done * self.images / self.steps), loss=s[0] / n,
-                             accuracy=s[1] / n, images_per_s=round(rate, 1), eta_s=round(eta, 1), **values)
+            self.metrics.log(self.phase, epoch, done, round(done * self.world * self.images / self.steps),
+                             loss=s[0] / n, accuracy=s[1] / n, images_per_s=round(rate, 1), eta_s=round(eta, 1),
+                             **values)
         self.sums.zero_()
         self.tick, self.seen = now, self.images
 
@@ -1424,10 +1706,11 @@ class Progress:
         sync(self.device)
         now = time.time()
         if self.warm is None:  # too few steps for a steady state
-            return {'images_per_s': self.images / max(now - self.start, 1e-9), 'overhead_s': 0.0}
+            return {'images_per_s': self.world * self.images / max(now - self.start, 1e-9), 'overhead_s': 0.0}
         t, images = self.warm
-        rate = (self.images - images) / max(now - t, 1e-9)
-        return {'images_per_s': rate, 'overhead_s': max(t - self.start - images / rate, 0.0) if rate else 0.0}
+        rate = self.world * (self.images - images) / max(now - t, 1e-9)
+        return {'images_per_s': rate, 'overhead_s': max(t - self.start - self.world * images / rate, 0.0) if rate else
+                0.0}
 
 
 def sync(device):
@@ -1442,7 +1725,8 @@ def sync(device):
 # uninterrupted one would have (bit for bit on the CPU; on a GPU up to its nondeterministic kernels).
 
 def rng_state():
-    return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """The global random streams: the CPU's and the current CUDA device's (every process keeps them alike)."""
+    return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def refuse_diverged(model, where):
@@ -1492,14 +1776,17 @@ class Checkpoint:
             else:
                 obj.load_state_dict(saved)
         torch.set_rng_state(self.state['rng']['cpu'])
-        if self.state['rng']['cuda']:
-            torch.cuda.set_rng_state_all(self.state['rng']['cuda'])
+        if self.state['rng']['cuda'] is not None:
+            torch.cuda.set_rng_state(self.state['rng']['cuda'])
         return self.state['epoch'] + 1
 
     def __call__(self, event):
         """At the end of an epoch: saved when --checkpoint-every seconds have passed, and always at a phase's end."""
         last = event['epoch'] == event['epochs']
         if event['step'] is not None or self.path is None or not (last or time.time() - self.last_save >= self.every):
+            return
+        if rank_and_world()[0]:  # process 0 writes; the others hold the same state
+            self.saved = (event['phase'], event['epoch'])
             return
         objects = event['objects']
         refuse_diverged(objects['model'], f"{event['phase']} epoch {event['epoch']}")
@@ -1611,8 +1898,9 @@ def export_pruned(path, out_path, model=None):
     net, shape = fold_bn(net), info.get('input_shape') or [3, 32, 32]
     meta = {'arch': info.get('arch'), 'widths': info['widths'], 'classes': info.get('classes'),
             'num_classes': info.get('num_classes'), 'mean': info.get('mean'), 'std': info.get('std'),
-            'input_layout': 'NCHW', 'input_shape': ['N', *shape],
-            'input': 'float32 images, pixel values in [0, 1], normalised as (x - mean) / std per channel',
+            'input_layout': 'NCHW', 'input_shape': ['N', *shape], 'resize': info.get('resize'),
+            'input': f"float32 images, shorter side resized to {info.get('resize') or shape[-1]} px and centre-cropped "
+                     f"to {shape[-1]}x{shape[-1]}, pixel values in [0, 1], normalised as (x - mean) / std per channel",
             'output': 'logits, (N, classes)'}
     if out_path.endswith('.onnx'):
         import onnx
@@ -1692,6 +1980,8 @@ BUILT_IN = COSTS + ['latency']  # cost names a budget may use without --cost
 def cost_names(args):
     """The cost names a budget may use: the built-in ones and those of --cost."""
     return BUILT_IN + [spec.partition('=')[0] for spec in args.cost]
+
+
 BUDGET_UNITS = {'K': 1e3, 'M': 1e6, 'G': 1e9, 'us': 1e-3, 'ms': 1.0, 's': 1e3}  # counts; latency in ms
 
 
@@ -1707,7 +1997,8 @@ def parse_args(argv):
 
 
 def parser():
-    p = argparse.ArgumentParser(description='Prune a CIFAR network under a budget with constrained RL.')
+    p = argparse.ArgumentParser(description='Prune an image classifier under a budget with constrained RL; under '
+                                'torchrun on several processes (see README).')
     p.error = fail  # bad arguments: one line, like every other bad input
     p.add_argument('--arch', help=f"one of {', '.join(ARCHS)} (default: vgg16, or that of --pretrained)")
     p.add_argument('--budget', default='params=0.1', help="comma-separated name=fraction of the dense network or "
@@ -1722,7 +2013,16 @@ def parser():
     p.add_argument('--data', help='an ImageFolder directory with train/ and test/ (or val/); replaces --dataset')
     p.add_argument('--data-root', default='./data', help='where --dataset is downloaded')
     p.add_argument('--subset', type=int, default=0, help='train on this many training images only (0: all)')
-    p.add_argument('--pretrained', help='a dense checkpoint (dense.pt of an earlier run): skips dense training')
+    p.add_argument('--image-size', type=int, help="side of the square images the network sees (default: the data's "
+                   "own, 32 for CIFAR); every cost, table and export is at this size")
+    p.add_argument('--loader', default='auto', choices=['auto', 'memory', 'stream'], help='memory: the decoded set '
+                   'on the device; stream: decoded batch by batch by --workers processes; auto: memory where it '
+                   'takes under a quarter of the device\'s (the host\'s free) memory')
+    p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='decoding processes of the '
+                   'streaming loader (0: in the main process)')
+    p.add_argument('--pretrained', help='dense.pt of an earlier run (skips dense training); or, for '
+                   'torchvision:NAME, "torchvision" (its ImageNet weights) or a state-dict file in torchvision\'s '
+                   'format: the classifier replaced for the data\'s classes, then fine-tuned for --dense-epochs')
     p.add_argument('--width', type=float, help='multiplier of every layer width (default: 1, or that of --pretrained)')
     p.add_argument('--dense-epochs', type=int, default=60)
     p.add_argument('--prune-epochs', type=int, default=20)
@@ -1773,10 +2073,10 @@ def check_args(args):
     """Every argument that can be checked before any work, each a one-line error."""
     check_arch(args)
     parse_budget(args.budget, cost_names(args))  # checked now; the pipeline parses it again
-    for name in ('latency_batch', 'speed_batch'):
+    for name in ('latency_batch', 'speed_batch', 'image_size'):
         if (getattr(args, name) or 1) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ('dense_epochs', 'prune_epochs', 'finetune_epochs', 'subset'):
+    for name in ('dense_epochs', 'prune_epochs', 'finetune_epochs', 'subset', 'workers'):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0")
     for name in ('width', 'batch_size', 'lr', 'prune_lr', 'policy_lr', 'log_every'):
@@ -1825,9 +2125,13 @@ def check_arch(args):
 
 
 def take_pretrained_shape(args):
-    """--arch and --width from the --pretrained checkpoint where it records them; given ones must agree with it."""
+    """--arch, --width and --image-size from the --pretrained checkpoint where it records them; given ones must
+    agree with it."""
     saved = {}
-    if args.pretrained:
+    if args.pretrained == 'torchvision':
+        if not str(args.arch).startswith('torchvision:'):
+            fail('--pretrained torchvision: the weights of torchvision\'s models, for --arch torchvision:NAME')
+    elif args.pretrained:
         if not os.path.isfile(args.pretrained):
             fail(f"--pretrained {args.pretrained}: no such file")
         try:
@@ -1839,9 +2143,12 @@ def take_pretrained_shape(args):
             width = 1.0 if arch not in ARCHS else ckpt.get('width') or next(
                 (w for w in (c / b for c, b in zip(widths, dense_widths(arch))) if dense_widths(arch, w) == widths),
                 widths[0] / 64)  # a checkpoint that does not record its width multiplier
-            saved = {'arch': arch, 'width': width, 'widths': widths}
+            saved = {'arch': arch, 'width': width, 'widths': widths, 'size': (ckpt.get('input_shape') or [32])[-1]}
     args.arch = args.arch or saved.get('arch', 'vgg16')
     args.width = saved.get('width', 1.0) if args.width is None else args.width
+    if saved and args.image_size not in (None, saved['size']):
+        fail(f"--pretrained {args.pretrained} was trained on {saved['size']}-px images, not {args.image_size}")
+    args.image_size = args.image_size or saved.get('size')
     if saved and (args.arch != saved['arch'] or args.arch in ARCHS and dense_widths(args.arch, args.width) !=
                   saved['widths']):
         fail(f"--pretrained {args.pretrained} holds a {saved['arch']} of width {saved['width']:g}, not a "
@@ -1896,6 +2203,42 @@ def get_device(name, flag):
     return device
 
 
+def start_processes(args):
+    """This process's device. Under torchrun (WORLD_SIZE set) also the process group: NCCL on CUDA, each process on
+    the GPU of its LOCAL_RANK; gloo on the CPU."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    device = get_device(args.device, '--device')
+    if world > 1:
+        if args.device not in ('auto', 'cpu', 'cuda'):
+            fail(f"--device {args.device}: under torchrun each process takes the GPU of its LOCAL_RANK; use --device "
+                 f"auto, cuda or cpu")
+        if device.type == 'cuda':
+            local_world, gpus = int(os.environ.get('LOCAL_WORLD_SIZE', world)), torch.cuda.device_count()
+            if local_world > gpus:
+                fail(f"torchrun: {local_world} processes on this machine but {gpus} GPU(s); one GPU each, "
+                     f"--nproc_per_node {gpus} at most (or --device cpu)")
+            device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                                 device_id=device if device.type == 'cuda' else None)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)  # the current device: its random stream is the one a checkpoint saves
+    return device
+
+
+def pretrained_kind(args):
+    """What --pretrained holds: None, 'dense' (a dense.pt of this tool, or a state dict of a built-in network: no
+    dense training) or 'torchvision' (torchvision's weights or a file in its format: the dense phase fine-tunes)."""
+    if not args.pretrained:
+        return None
+    if not args.arch.startswith('torchvision:'):
+        return 'dense'
+    if args.pretrained == 'torchvision':
+        return 'torchvision'
+    ckpt = torch.load(args.pretrained, map_location='cpu', weights_only=True, mmap=True)
+    return 'dense' if isinstance(ckpt, dict) and 'widths' in ckpt and 'state_dict' in ckpt else 'torchvision'
+
+
 def build_costs(net, args, names):
     """Every cost of `net` (a `Prunable`) that the budget `names`, as a black box C(widths) -> fraction of the dense
     network, in the budget's order, with the dense network's own value of each (for absolute budgets and the
@@ -1933,7 +2276,12 @@ class Pipeline:
         """Every check that needs no data: device, output folder, the network, its costs, the budget's feasibility
         (stage 1)."""
         self.args, self.path = args, lambda name: os.path.join(args.out, name)
-        self.device = get_device(args.device, '--device')
+        self.device = start_processes(args)
+        self.rank, self.world = rank_and_world()
+        self.main = self.rank == 0  # process 0 writes files and prints; under torchrun the others stay quiet
+        self.metrics = None
+        if not self.main:
+            sys.stdout = open(os.devnull, 'w')
         self.numerics = Numerics(self.device, args.bf16, args.channels_last)
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             fail(f"--out {args.out} is a file; choose a directory")
@@ -1949,12 +2297,24 @@ class Pipeline:
         torch.manual_seed(args.seed)
         if args.compile:  # each run compiles its own networks: without this a process that calls main() many times
             torch._dynamo.reset()  # (bench/compare.py) reaches Dynamo's recompile limit and silently runs eagerly
-        self.input_shape = (3, 32, 32)  # the loader resizes every image to 32x32
-        self.net = network(args.arch, args.width, classes, self.input_shape)
+        size, note = image_size(args)
+        if note:
+            print(f"note: {note}")
+        self.input_shape = (3, size, size)
+        self.pretrained = pretrained_kind(args)
+        weights = torchvision_weights(args, classes) if self.pretrained == 'torchvision' else None
+        self.net = network(args.arch, args.width, classes, self.input_shape, weights)
         self.model = self.net.model
         for note in self.net.notes:
             print(f"{args.arch}: {note}")
-        self.stats = load_dense(args.pretrained, self.net.plain) if args.pretrained else {}
+        # a pretrained network sees its inputs normalised as in its own training (torchvision's: ImageNet's)
+        self.stats = load_dense(args.pretrained, self.net.plain) if self.pretrained == 'dense' else {
+            'mean': IMAGENET_MEAN, 'std': IMAGENET_STD} if self.pretrained else {}
+        # under torchrun: DistributedDataParallel runs the steps (it averages the weights' gradients), the rewards
+        # and BN statistics are averaged over the processes
+        self.reduce = all_reduce if self.world > 1 else None
+        self.wrap = lambda model: (torch.compile if args.compile else (lambda m: m))(
+            torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model)
         budget = parse_budget(args.budget, cost_names(args))
         costs, self.dense_cost = build_costs(self.net, args, list(budget))
         self.fractions = resolve_budget(budget, self.dense_cost)  # {name: fraction of the dense network}
@@ -1972,46 +2332,56 @@ class Pipeline:
         """Part I's `train` on the training split, with this run's callbacks; returns the steady-state speed."""
         a = self.args
         batches = Batches(self.data, 'train', a.batch_size, train=True)
-        train(model, batches, epochs, a.lr, weight_decay=a.wd, bf16=self.numerics.bf16, compile=a.compile,
-              phase=phase, callback=self.callbacks(phase, epochs * len(batches)), resume=self.checkpoint.resume)
+        train(model, batches, epochs, a.lr, weight_decay=a.wd, bf16=self.numerics.bf16, wrap=self.wrap,
+              reduce=self.reduce, phase=phase, callback=self.callbacks(phase, epochs * len(batches)),
+              resume=self.checkpoint.resume)
         return self.progress.speed()
 
     def load(self):
         """The data, on the device; the run folder (--overwrite: the replaced run's results go now)."""
         a, t0 = self.args, time.time()
-        self.data = load_data(a, self.numerics)
+        self.data = load_data(a, self.numerics, self.input_shape[-1])
         self.data.update(self.stats)  # a --pretrained network sees its inputs normalised as in its own training
         self.report = self.checkpoint.report  # what the finished phases measured, saved with every checkpoint
         self.report.setdefault('time_s', {})['data'] = time.time() - t0
         self.report.setdefault('speed', {})
         self.numerics.place(self.model)
-        os.makedirs(a.out, exist_ok=True)
-        if not a.resume:  # so that an interrupted --overwrite can be resumed
-            for path in filter(os.path.exists, map(self.path, ('results.json', 'checkpoint.pt', *EXPORTS))):
-                os.remove(path)
-        self.metrics = Metrics(a.out, list(self.costs), a.tensorboard, self.checkpoint.saved)
-        print(f"{a.arch} width {a.width}: {count(self.model)[0]:,} parameters, {len(self.data['train'][1])} train / "
-              f"{len(self.data['test'][1])} test images, {len(self.data['classes'])} classes, {self.device}"
+        if self.main:
+            os.makedirs(a.out, exist_ok=True)
+            if not a.resume:  # so that an interrupted --overwrite can be resumed
+                for path in filter(os.path.exists, map(self.path, ('results.json', 'checkpoint.pt', *EXPORTS))):
+                    os.remove(path)
+            self.metrics = Metrics(a.out, list(self.costs), a.tensorboard, self.checkpoint.saved)
+        barrier()  # the others write nothing, and see the run folder only once it is ready
+        d = self.data
+        print(f"{a.arch}" + (f" width {a.width}" if a.arch in ARCHS else '') + f": {count(self.net.plain)[0]:,} "
+              f"parameters, {len(d['train'])} train / {len(d['test'])} test images at {d['size']}x{d['size']} px "
+              f"({'streamed by %d workers' % a.workers if d['streamed'] else 'in memory'}), {len(d['classes'])} "
+              f"classes, {self.device}" + (f" x {self.world} processes" if self.world > 1 else '')
               + (f"; resuming after {self.checkpoint.saved[0]} epoch {self.checkpoint.saved[1]}"
                  if self.checkpoint.saved else ''))
 
     def save(self, model, name, widths):
         net = self.net
-        save_pruned(model, self.path(name), self.data['mean'], self.data['std'], self.data['classes'],
-                    self.input_shape, width=self.args.width if name == 'dense.pt' else None, arch=net.arch,
-                    num_classes=net.classes, widths=list(widths), group_names=net.names)
+        if self.main:
+            save_pruned(model, self.path(name), self.data['mean'], self.data['std'], self.data['classes'],
+                        self.input_shape, width=self.args.width if name == 'dense.pt' else None, arch=net.arch,
+                        num_classes=net.classes, widths=list(widths), group_names=net.names,
+                        resize=resize_for(self.input_shape[-1], train=False))
 
     def dense(self):
-        """Phase 1: the dense network (none to train with --pretrained)."""
+        """Phase 1: the dense network: trained, or none to train with a --pretrained dense.pt, or torchvision's
+        weights fine-tuned (their new classifier must learn the data's classes)."""
         if not self.checkpoint.reached('prune'):
             t0 = time.time()
-            epochs = 0 if self.args.pretrained else self.args.dense_epochs
+            epochs = 0 if self.pretrained == 'dense' else self.args.dense_epochs
             self.report['speed']['dense'] = self.train(self.model, epochs, 'dense')
             self.report['time_s']['dense'] = time.time() - t0
             refuse_diverged(self.model, 'dense training')
             self.save(self.net.plain, 'dense.pt', self.net.widths)
             self.report['dense_accuracy'] = evaluate(self.model, self.data)
-            self.metrics.test_accuracy('dense', self.report['dense_accuracy'])
+            if self.metrics:
+                self.metrics.test_accuracy('dense', self.report['dense_accuracy'])
         print(f"dense accuracy {self.report['dense_accuracy']:.4f}")
 
     def prune(self):
@@ -2023,31 +2393,36 @@ class Pipeline:
             print(f"compact network kept {report['widths']}")
             return
         t0, k = time.time(), a.samples
-        batches = Batches(self.data, 'train', max(a.batch_size // k, 1), train=True,
-                          steps=max(len(self.data['train'][1]) // a.batch_size, 1))  # as many images as a dense epoch
+        batches = Batches(self.data, 'train', max(a.batch_size // k, 1), train=True,  # as many images as a dense epoch
+                          steps=max(len(self.data['train']) // (a.batch_size * self.world), 1))
         budget = self.budget.to(self.device)
         policy, lam = prune(self.model, self.costs, budget, batches, a.prune_epochs, samples=k, lr=a.prune_lr,
                             weight_decay=a.wd, policy_lr=a.policy_lr, dual_lr=a.dual_lr, damping=a.damping,
                             anneal=a.anneal, control_variate=a.control_variate,
-                            policy=Policy(self.net.widths, a.init_keep), bf16=numerics.bf16, compile=a.compile,
+                            policy=Policy(self.net.widths, a.init_keep), bf16=numerics.bf16, wrap=self.wrap,
+                            reduce=self.reduce,
                             callback=self.callbacks('prune', a.prune_epochs * len(batches)),
                             resume=self.checkpoint.resume)
         report['speed']['prune'], report['time_s']['prune'] = self.progress.speed(), time.time() - t0
-        save_atomic({'theta': dict(zip(self.net.names, policy.split(policy.theta.detach().cpu())))},
-                    self.path('policy.pt'))
+        identical(policy.theta.detach(), 'policies')
+        if self.main:
+            save_atomic({'theta': dict(zip(self.net.names, policy.split(policy.theta.detach().cpu())))},
+                        self.path('policy.pt'))
         report['multipliers'] = dict(zip(self.costs, lam.tolist()))
         report['keep_probability_mean'] = torch.sigmoid(policy.theta).mean().item()
         expected = policy.kept(torch.sigmoid(policy.theta.detach())[None])  # the policy's mean widths
         report['expected_cost'] = {n: c(expected).item() for n, c in self.costs.items()}
         small, mask = final_network(self.net, policy, self.costs, budget, self.multiple,
-                                    Batches(self.data, 'train', a.batch_size, train=True), numerics.bf16)
+                                    Batches(self.data, 'train', a.batch_size, train=True), numerics.bf16, self.reduce)
+        identical(mask, 'final masks')
         report['measured'] = {n: c.final for n, c in self.costs.items() if hasattr(c, 'measure')}
         report['widths'] = policy.kept(mask[None])[0].tolist()
         if a.reinit:  # keep the widths CRL found, train them from random initialisation (Liu et al., ICLR 2019)
             small = self.net.fresh(report['widths'])
         self.small = numerics.place(small)
         report['accuracy_before_finetune'] = evaluate(self.small, self.data)
-        self.metrics.test_accuracy('prune', report['accuracy_before_finetune'])
+        if self.metrics:
+            self.metrics.test_accuracy('prune', report['accuracy_before_finetune'])
         print(f"compact network kept {report['widths']}; accuracy before fine-tuning "
               f"{report['accuracy_before_finetune']:.4f}")
         for name, cost in report['expected_cost'].items():
@@ -2062,8 +2437,9 @@ class Pipeline:
         self.report['speed']['finetune'] = self.train(self.small, self.args.finetune_epochs, 'finetune')
         self.report['time_s']['finetune'] = time.time() - t0
         self.accuracy = evaluate(self.small, self.data)
-        self.metrics.test_accuracy('finetune', self.accuracy)
-        self.metrics.close()
+        if self.metrics:
+            self.metrics.test_accuracy('finetune', self.accuracy)
+            self.metrics.close()
         self.save(self.small, 'pruned.pt', self.report['widths'])
 
     def report_results(self):
@@ -2075,7 +2451,8 @@ class Pipeline:
         fractions.update({n: c(kept).item() for n, c in self.costs.items() if n not in COSTS})  # user costs...
         fractions.update({n: m['fraction'] for n, m in report['measured'].items()})  # ... measured ones as measured
         results = {
-            'arch': a.arch, 'width': a.width, 'data': a.data or a.dataset, 'device': str(self.device),
+            'arch': a.arch, 'width': a.width, 'data': a.data or a.dataset, 'image_size': self.input_shape[-1],
+            'streamed': self.data['streamed'], 'device': str(self.device), 'processes': self.world,
             'budget': self.fractions,
             'budget_absolute': {n: b * self.dense_cost[n] for n, b in self.fractions.items()},
             'budget_met': all(fractions[k] <= b for k, b in self.fractions.items()),
@@ -2095,6 +2472,8 @@ class Pipeline:
         for name, measured in report['measured'].items():  # what a measured cost records of the final network
             results[name], line = self.costs[name].results(measured, kept, self.fractions[name])
             print(line)
+        if not self.main:  # the others return the same results and write nothing
+            return results
         if a.speed:
             batch = a.speed_batch or (512 if self.device.type == 'cuda' else 64)
             results['speed'] = inference_speed(net.plain, small, self.numerics, self.input_shape, (1, batch),
@@ -2110,6 +2489,8 @@ class Pipeline:
 
     def export(self):
         """Last: an export that fails leaves every result of the run saved."""
+        if not self.main:
+            return
         exported = self.path('pruned.onnx' if onnx_available() else 'pruned.pt2')
         try:
             export_pruned(self.path('pruned.pt'), exported)
@@ -2148,6 +2529,11 @@ def main(argv=None):
     finally:  # a failed run's metrics.csv and TensorBoard files are closed too
         if getattr(pipeline, 'metrics', None):
             pipeline.metrics.close()
+        if getattr(pipeline, 'world', 1) > 1:
+            if not pipeline.main:
+                sys.stdout.close()
+                sys.stdout = sys.__stdout__
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':

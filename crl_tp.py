@@ -167,7 +167,6 @@ class Traced(nn.Module):
         return small
 
 
-
 # --- 2. Costs: every tensor's sizes as affine functions of the kept widths -------------------------------------------
 
 def forms(traced):
@@ -250,16 +249,35 @@ class FittedLatency(crl.LatencyCost):
 
 # --- 3. The network crl_prune's command line prunes ------------------------------------------------------------------
 
-def build(arch, classes, input_shape):
-    """torchvision:NAME as torchvision builds it, randomly initialised, for `classes` classes. A ResNet, whose 7x7
-    stride-2 stem and max-pool are made for 224-pixel images, gets the CIFAR stem for inputs of 64 pixels or fewer
-    (a 3x3 stride-1 convolution, no max-pool), as CIFAR ResNets are built."""
+def build(arch, classes, input_shape, weights=None):
+    """torchvision:NAME as torchvision builds it for `classes` classes, randomly initialised or from `weights` (a
+    state dict in torchvision's format: everything but the classifier, which is new where its number of classes
+    differs). A randomly initialised ResNet, whose 7x7 stride-2 stem and max-pool are made for 224-pixel images, gets
+    the CIFAR stem for CIFAR's 32-pixel images (a 3x3 stride-1 convolution, no max-pool), as CIFAR ResNets are
+    built; at larger sizes every model keeps its own strides."""
     import torchvision
     model = torchvision.models.get_model(arch.partition(':')[2], weights=None, num_classes=classes)
-    if isinstance(model, torchvision.models.ResNet) and max(input_shape[1:]) <= 64:
+    if weights is not None:
+        load_weights(model, weights, arch)
+    elif isinstance(model, torchvision.models.ResNet) and max(input_shape[1:]) <= 32:
         model.conv1 = nn.Conv2d(input_shape[0], model.conv1.out_channels, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
+    crl.check_input_size(model, input_shape, arch)
     return model
+
+
+def load_weights(model, weights, arch):
+    """`weights` into `model`, all but the last linear layer's where its shapes differ (another number of classes:
+    that classifier stays newly initialised); anything else that does not fit is a one-line error."""
+    own = model.state_dict()
+    head = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
+    keep = {k: v for k, v in weights.items()
+            if not (k in own and own[k].shape != v.shape and k.rpartition('.')[0] in head)}
+    wrong = sorted(set(own) ^ set(weights)) or [k for k in keep if own[k].shape != keep[k].shape]
+    if wrong:
+        raise crl.CRLError(f"the pretrained weights do not fit {arch}: {wrong[0]} "
+                           + ('differs in shape' if wrong[0] in own and wrong[0] in weights else 'is not in both'))
+    model.load_state_dict(keep, strict=False)
 
 
 class TracedNetwork(crl.Prunable):
@@ -267,9 +285,9 @@ class TracedNetwork(crl.Prunable):
     stages and crl_prune's command line ask of the network they prune. `model` is the `Traced` network (masks by
     hooks), `plain` the unmodified one; shrinking and fresh copies are Prunable's own, through `compact`."""
 
-    def __init__(self, arch, classes, input_shape, model=None, ignored=()):
+    def __init__(self, arch, classes, input_shape, model=None, ignored=(), weights=None):
         self.arch, self.classes, self.input_shape = arch, classes, tuple(input_shape)
-        self.plain = build(arch, classes, input_shape) if model is None else model
+        self.plain = build(arch, classes, input_shape, weights) if model is None else model
         try:
             self.model = Traced(self.plain, example_for(self.plain, input_shape), ignored)
         except crl.CRLError:

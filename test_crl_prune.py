@@ -268,8 +268,10 @@ def signal_data(n=512):
     x = torch.empty(n, 3, 32, 32, dtype=torch.uint8)
     x[:, 0] = (60 + 120 * y).view(n, 1, 1).to(torch.uint8)  # the label's plane
     x[:, 1:] = torch.randint(0, 256, (n, 2, 1, 1), generator=g, dtype=torch.uint8)  # noise
-    return {'train': (x, y), 'test': (x, y), 'classes': 2, 'mean': x.float().mean((0, 2, 3)) / 255,
-            'std': x.float().std((0, 2, 3)) / 255, 'numerics': crl.Numerics(torch.device('cpu'))}
+    split = crl.InMemory(x, y, torch.device('cpu'))
+    return {'train': split, 'test': split, 'classes': 2, 'mean': x.float().mean((0, 2, 3)) / 255,
+            'std': x.float().std((0, 2, 3)) / 255, 'size': 32, 'streamed': False,
+            'numerics': crl.Numerics(torch.device('cpu'))}
 
 
 class Shuffled:
@@ -291,7 +293,7 @@ class Shuffled:
 def signal_images(n=512):
     """signal_data's images normalised, and their labels: Part I's input, without Part II's data path."""
     data = signal_data(n)
-    x, y = data['train']
+    x, y = data['train'].x, data['train'].labels
     return (x.float() / 255 - data['mean'].view(1, 3, 1, 1)) / data['std'].view(1, 3, 1, 1), y
 
 
@@ -347,6 +349,39 @@ def test_the_budget_is_annealed_from_the_policys_expected_cost():
     assert len(targets) == 30 and targets[:10] == pytest.approx([0.875 ** (1 - s / 10) * 0.25 ** (s / 10)
                                                                  for s in range(1, 11)])
     assert targets[9:] == pytest.approx([0.25] * 21)
+
+
+class Noisy(Shuffled):
+    """The same `steps` batches every pass, each also drawing `extra` numbers from the global random stream (as one
+    process's data pipeline might and another's not)."""
+
+    def __init__(self, *a, extra=0):
+        super().__init__(*a)
+        self.extra = extra
+
+    def __iter__(self):
+        for b in range(self.steps):
+            torch.rand(self.extra)
+            yield self.x[b * self.size:(b + 1) * self.size], self.y[b * self.size:(b + 1) * self.size]
+
+
+def test_masks_depend_on_the_step_alone_not_on_the_global_random_stream():
+    """Processes of a torchrun run draw the same K masks every step although their data pipelines use the global
+    stream differently: the masks of step t come from a generator seeded with the run's seed + t. Under
+    `reduce` (the rewards averaged over processes) the policies of the two runs stay identical too."""
+    (x, y) = signal_images(64)
+    runs = []
+    for extra in (0, 5):
+        torch.manual_seed(3)
+        model, policy, masks = SignalToy(), crl.Policy([8], 0.7), []
+        real = policy.sample
+        policy.sample = lambda n, generator=None: masks.append(real(n, generator)) or masks[-1]
+        crl.prune(model, {'share': lambda kept: kept[:, 0].double() / 8}, [0.5], Noisy(x, y, 8, 4, extra=extra),
+                  2, samples=4, policy=policy, reduce=lambda t: t)
+        runs.append((torch.stack(masks), policy.theta.detach().clone()))
+    assert len(runs[0][0]) == 8 and len({m.tolist().__repr__() for m in runs[0][0]}) > 1  # masks change per step
+    assert torch.equal(runs[0][0], runs[1][0])  # ... but not with the global stream
+    assert torch.equal(runs[0][1], runs[1][1]) and not torch.equal(runs[0][1], crl.Policy([8], 0.7).theta)
 
 
 def test_control_variate_leaves_the_gradient_unbiased_and_removes_a_linear_costs_noise():
@@ -726,7 +761,7 @@ def test_training_batches_are_augmented_and_test_batches_are_not():
     torch.manual_seed(17)
     data = signal_data(64)
     plain = torch.cat([xb for xb, _ in crl.Batches(data, 'train', 16, train=False)])
-    x, y = data['train']
+    y = data['train'].labels
     trained = list(crl.Batches(data, 'train', 16, train=True))
     assert len(trained) == 4 and all(len(xb) == 16 for xb, _ in trained)
     augmented = 0
@@ -769,13 +804,136 @@ def test_image_folder_loader(tmp_path):
     root = write_image_folder(tmp_path / 'data', size=40)
     args = crl.parse_args(['--data', root, '--batch-size', '16'])
     data = crl.load_data(args, crl.Numerics(torch.device('cpu')))
-    x, y = data['train']
+    x, y = data['train'].x, data['train'].labels
     assert x.shape == (36, 3, 32, 32) and x.dtype == torch.uint8
     assert data['classes'] == ['class0', 'class1', 'class2'] and sorted(y.unique().tolist()) == [0, 1, 2]
-    assert data['test'][0].shape == (18, 3, 32, 32)
+    assert data['test'].x.shape == (18, 3, 32, 32)
     assert (x[y == 1][:, 1].float().mean() > x[y == 1][:, 0].float().mean() + 100)  # labels follow the folders
     xb, yb = next(iter(crl.Batches(data, 'train', 8, train=True)))
     assert xb.shape == (8, 3, 32, 32) and abs(xb.mean().item()) < 1
+
+
+def write_sized_folder(root, sizes, classes=2, per_class=4):
+    """An ImageFolder whose images have the given (width, height) sizes in turn, one class bright red, the other
+    bright green, each with a vertical stripe 1/8 of the width from its left edge."""
+    from PIL import Image
+    import numpy as np
+    i = 0
+    for split in ('train', 'test'):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f'class{c}'), exist_ok=True)
+            for n in range(per_class):
+                w, h = sizes[i % len(sizes)]
+                a = np.full((h, w, 3), 40, np.uint8)
+                a[..., c] = 200 + 5 * n
+                a[:, w // 8] = 255
+                Image.fromarray(a).save(os.path.join(root, split, f'class{c}', f'{n}.png'))
+                i += 1
+    return str(root)
+
+
+def test_image_size_is_the_datas_own_and_mixed_sizes_are_resized_with_a_note(tmp_path):
+    same = write_sized_folder(tmp_path / 'same', [(48, 48)])
+    assert crl.image_size(crl.parse_args(['--data', same])) == (48, None)
+    assert crl.image_size(crl.parse_args([])) == (32, None)  # CIFAR
+    mixed = write_sized_folder(tmp_path / 'mixed', [(64, 48), (40, 40), (56, 80)])
+    size, note = crl.image_size(crl.parse_args(['--data', mixed]))
+    assert size == 48 and '64x48' in note and 'centre-cropped to 48x48' in note and '--image-size' in note
+    size, note = crl.image_size(crl.parse_args(['--data', mixed, '--image-size', '24']))
+    assert size == 24 and 'resized' in note
+    data = crl.load_data(crl.parse_args(['--data', mixed, '--batch-size', '4', '--samples', '2', '--loader', 'memory']),
+                         crl.Numerics(torch.device('cpu')), 48)
+    assert data['train'].x.shape == (8, 3, 48, 48) and data['test'].x.shape == (8, 3, 48, 48)
+
+
+def test_decode_resizes_the_shorter_side_and_crops_the_centre(tmp_path):
+    from PIL import Image
+    import numpy as np
+    a = np.zeros((40, 80, 3), np.uint8)  # 80 wide, 40 high: red left of the middle, green right, a blue stripe
+    a[:, :40, 0], a[:, 40:, 1], a[:, 24:26] = 255, 255, (0, 0, 255)  # at columns 24-25
+    Image.fromarray(a).save(tmp_path / 'wide.png')
+    x = crl.decode(str(tmp_path / 'wide.png'), 20, 20).int()  # 40 x 20, then columns 10-29 of it
+    assert x.shape == (3, 20, 20) and (x[0, :, 3:9] > 200).all() and (x[1, :, 11:] > 200).all()  # centred
+    assert (x[2, :, 1:4] > 100).any()  # the stripe, at column 12 of 40
+    x = crl.decode(str(tmp_path / 'wide.png'), 20, 40).int()  # 80 x 40 as it is, then columns 30-49
+    assert (x[0, :, :9] > 200).all() and (x[1, :, 11:] > 200).all() and (x[2] < 50).all()  # the stripe cut off
+    assert crl.resize_for(32, train=False) == 32 and crl.resize_for(224, train=False) == 256
+    assert crl.resize_for(64, train=True) == 64 and crl.resize_for(64, train=False) == 73
+
+
+def test_random_resized_crop_zooms_flips_and_keeps_the_size():
+    torch.manual_seed(0)
+    cols = torch.arange(64.).view(1, 1, 1, 64).expand(256, 3, 64, 64).contiguous()  # pixel value: its column
+    whole = crl.random_resized_crop(cols, scale=(1, 1), ratio=(1, 1))  # the whole image, flipped or not
+    assert whole.shape == cols.shape
+    flipped = (whole[:, 0, 0, 0] > whole[:, 0, 0, -1])
+    assert 80 < flipped.sum() < 176
+    torch.testing.assert_close(whole[~flipped], cols[~flipped], atol=1e-3, rtol=0)
+    torch.testing.assert_close(whole[flipped], cols[flipped].flip(-1), atol=1e-3, rtol=0)
+    zoomed = crl.random_resized_crop(cols, scale=(0.25, 0.25), ratio=(1, 1))  # half the side: 32 columns spread
+    span = (zoomed[:, 0, 0, 0] - zoomed[:, 0, 0, -1]).abs()
+    assert ((span > 28) & (span < 34)).all()
+    starts = torch.minimum(zoomed[:, 0, 0, 0], zoomed[:, 0, 0, -1])
+    assert starts.min() < 8 and starts.max() > 24  # at random positions
+    assert (crl.random_resized_crop(cols[:, :, :, :], scale=(0.08, 1)).std((1, 2, 3)) > 0).all()
+
+
+def test_streaming_and_in_memory_paths_give_the_same_batches(tmp_path):
+    """The two loaders decode with one function, normalise with the same statistics and produce the same test
+    batches (at 48 px from 64-px images: the evaluation's resize and centre crop alike); both train."""
+    root = write_image_folder(tmp_path / 'data', size=64)
+    numerics = crl.Numerics(torch.device('cpu'))
+    paths = {}
+    for loader, workers in (('memory', '0'), ('stream', '0'), ('stream', '2')):
+        args = crl.parse_args(['--data', root, '--batch-size', '8', '--samples', '2', '--loader', loader,
+                               '--workers', workers])
+        paths[loader, workers] = crl.load_data(args, numerics, 48)
+    memory = paths['memory', '0']
+    assert not memory['streamed'] and all(d['streamed'] for k, d in paths.items() if k[0] == 'stream')
+    reference = [xb for xb, _ in crl.Batches(memory, 'test', 5, train=False)]
+    assert reference[0].shape == (5, 3, 48, 48)
+    for data in paths.values():
+        torch.testing.assert_close(data['mean'], memory['mean'])
+        torch.testing.assert_close(data['std'], memory['std'])
+        got = list(crl.Batches(data, 'test', 5, train=False))
+        assert len(got) == len(reference) == 4
+        for (xb, yb), ref, labels in zip(got, reference, memory['test'].labels.split(5)):
+            torch.testing.assert_close(xb, ref)
+            assert torch.equal(yb, labels)
+        trained = list(crl.Batches(data, 'train', 8, train=True))
+        assert len(trained) == 4 and all(xb.shape == (8, 3, 48, 48) for xb, _ in trained)
+    streamed = paths['stream', '2']
+    with pytest.MonkeyPatch.context() as mp:  # auto: streamed where the decoded set would not fit
+        mp.setattr(crl, 'fits_in_memory', lambda *a: False)
+        assert crl.load_data(crl.parse_args(['--data', root, *TINY]), numerics, 48)['streamed']
+    assert not crl.load_data(crl.parse_args(['--data', root, *TINY]), numerics, 48)['streamed']
+    model = crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 3)
+    crl.train(model, crl.Batches(streamed, 'train', 8, train=True), 2, 0.05)
+    assert 0 <= crl.evaluate(model, streamed) <= 1
+
+
+def test_a_64_pixel_run_counts_trains_and_exports_at_64_pixels(tmp_path):
+    """An image folder of 64x64 images: the network is built, counted, timed and exported for 64x64 inputs."""
+    root = write_image_folder(tmp_path / 'data', size=64)
+    out = tmp_path / 'out'
+    r = tiny_run(root, out, '--budget', 'params=0.3,macs=0.3', '--export')
+    assert r['image_size'] == 64
+    small, info = crl.load_pruned(str(out / 'pruned.pt'))
+    dense, _ = crl.load_pruned(str(out / 'dense.pt'))
+    assert info['input_shape'] == [3, 64, 64] and info['resize'] == 73
+    (pp, pm), (dp, dm) = crl.count(small, (3, 64, 64)), crl.count(dense, (3, 64, 64))
+    assert (r['pruned']['params'], r['pruned']['macs']) == (pp, pm) and (r['dense']['params'], r['dense']['macs']) \
+        == (dp, dm)
+    assert dm > 3.9 * crl.count(dense, (3, 32, 32))[1]  # MACs at 64 px (the convolutions 4 times theirs at 32)
+    assert r['fractions']['macs'] == pytest.approx(pm / dm) and pm / dm <= 0.3
+    if os.path.exists(out / 'pruned.onnx'):
+        import onnx
+        model = onnx.load(str(out / 'pruned.onnx'))
+        assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:] == [3, 64, 64]
+        meta = {p.key: json.loads(p.value) if p.value[:1] in '[{' else p.value for p in model.metadata_props}
+    else:
+        meta = json.load(open(out / 'pruned.json'))
+    assert meta['input_shape'] == ['N', 3, 64, 64] and '73 px' in meta['input']
 
 
 def test_download_failure_names_data(tmp_path, monkeypatch, capsys):
@@ -1537,7 +1695,7 @@ def test_sixteen_bit_images_are_scaled_not_saturated(tmp_path):
     path = tmp_path / 'grey16.png'
     Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(path)
     assert Image.open(path).mode.startswith('I')
-    assert abs(int(crl.read_image(str(path))[0, 0, 0]) - 128) <= 1  # half of the range, not 255
+    assert abs(int(crl.decode(str(path), 32, 32)[0, 0, 0]) - 128) <= 1  # half of the range, not 255
 
 
 def test_constant_channel_gives_finite_inputs(tmp_path):

@@ -145,14 +145,14 @@ def fit(model, data, epochs, lr, targs, phase):
     batches = crl.Batches(data, 'train', targs.batch_size, train=True)
     progress = crl.Progress(phase, targs.log_every, data['numerics'].device, total_steps=epochs * len(batches))
     return crl.train(model, batches, epochs, lr, weight_decay=targs.wd, bf16=data['numerics'].bf16,
-                     compile=targs.compile, phase=phase, callback=progress)
+                     wrap=torch.compile if targs.compile else None, phase=phase, callback=progress)
 
 
 def baseline(method, crl_widths, dense_path, data, fraction, seed, args, targs):
     """Prune (or build) and train one baseline row's network; returns it, its accuracy before the final training
     phase (None for a network trained from scratch) and the seconds spent before that phase."""
     torch.manual_seed(seed)
-    device = data['train'][0].device
+    device = data['numerics'].device
     dense = channels_last(crl.load_pruned(dense_path, device=device)[0].train(), data)
     e = epochs(method, args.dense_epochs, args.prune_epochs, args.finetune_epochs)
     t0 = time.time()

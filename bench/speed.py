@@ -101,7 +101,7 @@ def training(arch, numerics, compile_, args):
 
     def timed(name, loop, *a, cost_names=(), **kw):
         progress = crl.Progress(name, 10 ** 9, device, cost_names)
-        out = loop(*a, bf16=numerics.bf16, compile=compile_, callback=progress, **kw)
+        out = loop(*a, bf16=numerics.bf16, wrap=torch.compile if compile_ else None, callback=progress, **kw)
         return progress.speed(), out
 
     full = crl.Batches(data, 'train', args.batch_size, train=True)
