@@ -1131,11 +1131,11 @@ def plugin():
              f"requirements-extras.txt): {first_line(e)}")
 
 
-def network(arch, width, classes, input_shape=(3, 32, 32), weights=None):
+def network(arch, width, classes, input_shape=(3, 32, 32), weights=None, cifar_stem=None):
     """The dense network --arch names, as a `Prunable`: built-in, or torchvision:NAME through crl_tp (`weights`: a
-    torchvision state dict to start from, its classifier replaced for `classes`)."""
+    torchvision state dict to start from, its classifier replaced for `classes`; `cifar_stem`: crl_tp.build's)."""
     if str(arch).startswith('torchvision:'):
-        return plugin().TracedNetwork(arch, classes, input_shape, weights=weights)
+        return plugin().TracedNetwork(arch, classes, input_shape, weights=weights, cifar_stem=cifar_stem)
     model = build(arch, dense_widths(arch, width), classes)
     check_input_size(model, input_shape, arch)
     return Network(model, input_shape)
@@ -1155,7 +1155,7 @@ def check_input_size(model, input_shape, arch):
             m.training = mode
 
 
-def torchvision_weights(args, classes):
+def torchvision_weights(args):
     """The state dict --pretrained gives a torchvision model: torchvision's own weights ('torchvision': its DEFAULT
     ones, downloaded once into torch's hub cache) or a file in torchvision's format. Offline, one line that says
     where the file goes."""
@@ -1839,7 +1839,8 @@ def load_pruned(path, model=None, device='cpu'):
     if model is None and arch in ARCHS:  # built at the saved widths (a width multiplier above 1 included)
         net = build(arch, ckpt['widths'], classes)
     else:  # the dense form (given, or a torchvision one built by name), cut to the saved widths
-        dense = network(arch, 1.0, classes, shape) if model is None else as_network(model.to(device), shape)
+        dense = network(arch, 1.0, classes, shape, cifar_stem=ckpt.get('cifar_stem')) if model is None else \
+            as_network(model.to(device), shape)
         net = dense.shrink(ckpt['widths'])
     net.to(device).load_state_dict(ckpt['state_dict'])
     return net.eval(), {k: v for k, v in ckpt.items() if k != 'state_dict'}
@@ -2207,11 +2208,11 @@ def start_processes(args):
     """This process's device. Under torchrun (WORLD_SIZE set) also the process group: NCCL on CUDA, each process on
     the GPU of its LOCAL_RANK; gloo on the CPU."""
     world = int(os.environ.get('WORLD_SIZE', 1))
+    if world > 1 and args.device not in ('auto', 'cpu', 'cuda'):
+        fail(f"--device {args.device}: under torchrun each process takes the GPU of its LOCAL_RANK; use --device "
+             f"auto, cuda or cpu")
     device = get_device(args.device, '--device')
     if world > 1:
-        if args.device not in ('auto', 'cpu', 'cuda'):
-            fail(f"--device {args.device}: under torchrun each process takes the GPU of its LOCAL_RANK; use --device "
-                 f"auto, cuda or cpu")
         if device.type == 'cuda':
             local_world, gpus = int(os.environ.get('LOCAL_WORLD_SIZE', world)), torch.cuda.device_count()
             if local_world > gpus:
@@ -2302,7 +2303,7 @@ class Pipeline:
             print(f"note: {note}")
         self.input_shape = (3, size, size)
         self.pretrained = pretrained_kind(args)
-        weights = torchvision_weights(args, classes) if self.pretrained == 'torchvision' else None
+        weights = torchvision_weights(args) if self.pretrained == 'torchvision' else None
         self.net = network(args.arch, args.width, classes, self.input_shape, weights)
         self.model = self.net.model
         for note in self.net.notes:
@@ -2367,7 +2368,8 @@ class Pipeline:
             save_pruned(model, self.path(name), self.data['mean'], self.data['std'], self.data['classes'],
                         self.input_shape, width=self.args.width if name == 'dense.pt' else None, arch=net.arch,
                         num_classes=net.classes, widths=list(widths), group_names=net.names,
-                        resize=resize_for(self.input_shape[-1], train=False))
+                        resize=resize_for(self.input_shape[-1], train=False),
+                        cifar_stem=getattr(net.plain, 'cifar_stem', None))
 
     def dense(self):
         """Phase 1: the dense network: trained, or none to train with a --pretrained dense.pt, or torchvision's
@@ -2436,6 +2438,7 @@ class Pipeline:
         t0 = time.time()
         self.report['speed']['finetune'] = self.train(self.small, self.args.finetune_epochs, 'finetune')
         self.report['time_s']['finetune'] = time.time() - t0
+        identical(torch.stack([t.double().sum() for t in self.small.state_dict().values()]), 'networks')
         self.accuracy = evaluate(self.small, self.data)
         if self.metrics:
             self.metrics.test_accuracy('finetune', self.accuracy)

@@ -249,19 +249,23 @@ class FittedLatency(crl.LatencyCost):
 
 # --- 3. The network crl_prune's command line prunes ------------------------------------------------------------------
 
-def build(arch, classes, input_shape, weights=None):
+def build(arch, classes, input_shape, weights=None, cifar_stem=None):
     """torchvision:NAME as torchvision builds it for `classes` classes, randomly initialised or from `weights` (a
     state dict in torchvision's format: everything but the classifier, which is new where its number of classes
     differs). A randomly initialised ResNet, whose 7x7 stride-2 stem and max-pool are made for 224-pixel images, gets
     the CIFAR stem for CIFAR's 32-pixel images (a 3x3 stride-1 convolution, no max-pool), as CIFAR ResNets are
-    built; at larger sizes every model keeps its own strides."""
+    built; at larger sizes every model keeps its own strides. `cifar_stem` says which (None: as just said); it is
+    saved with the network (`model.cifar_stem`), so that a saved one is rebuilt as it was."""
     import torchvision
     model = torchvision.models.get_model(arch.partition(':')[2], weights=None, num_classes=classes)
-    if weights is not None:
-        load_weights(model, weights, arch)
-    elif isinstance(model, torchvision.models.ResNet) and max(input_shape[1:]) <= 32:
+    if cifar_stem is None:
+        cifar_stem = weights is None and isinstance(model, torchvision.models.ResNet) and max(input_shape[1:]) <= 32
+    if cifar_stem:
         model.conv1 = nn.Conv2d(input_shape[0], model.conv1.out_channels, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
+    if weights is not None:
+        load_weights(model, weights, arch)
+    model.cifar_stem = cifar_stem
     crl.check_input_size(model, input_shape, arch)
     return model
 
@@ -285,9 +289,9 @@ class TracedNetwork(crl.Prunable):
     stages and crl_prune's command line ask of the network they prune. `model` is the `Traced` network (masks by
     hooks), `plain` the unmodified one; shrinking and fresh copies are Prunable's own, through `compact`."""
 
-    def __init__(self, arch, classes, input_shape, model=None, ignored=(), weights=None):
+    def __init__(self, arch, classes, input_shape, model=None, ignored=(), weights=None, cifar_stem=None):
         self.arch, self.classes, self.input_shape = arch, classes, tuple(input_shape)
-        self.plain = build(arch, classes, input_shape, weights) if model is None else model
+        self.plain = build(arch, classes, input_shape, weights, cifar_stem) if model is None else model
         try:
             self.model = Traced(self.plain, example_for(self.plain, input_shape), ignored)
         except crl.CRLError:

@@ -811,6 +811,10 @@ def test_image_folder_loader(tmp_path):
     assert (x[y == 1][:, 1].float().mean() > x[y == 1][:, 0].float().mean() + 100)  # labels follow the folders
     xb, yb = next(iter(crl.Batches(data, 'train', 8, train=True)))
     assert xb.shape == (8, 3, 32, 32) and abs(xb.mean().item()) < 1
+    xb, yb = next(iter(crl.Batches(data, 'test', 6, train=False)))  # normalised with the training set's statistics
+    mean, std = data['mean'].view(1, 3, 1, 1), data['std'].view(1, 3, 1, 1)
+    torch.testing.assert_close(xb, (data['test'].x[:6].float() / 255 - mean) / std)
+    assert torch.equal(yb, data['test'].labels[:6])
 
 
 def write_sized_folder(root, sizes, classes=2, per_class=4):
@@ -903,6 +907,11 @@ def test_streaming_and_in_memory_paths_give_the_same_batches(tmp_path):
         trained = list(crl.Batches(data, 'train', 8, train=True))
         assert len(trained) == 4 and all(xb.shape == (8, 3, 48, 48) for xb, _ in trained)
     streamed = paths['stream', '2']
+    subsets = [crl.load_data(crl.parse_args(['--data', root, *TINY, '--subset', '24', '--loader', loader]), numerics)
+               for loader in ('memory', 'stream')]  # --subset: the same 24 images either way
+    assert len(subsets[0]['train']) == len(subsets[1]['train']) == 24
+    assert torch.equal(subsets[0]['train'].labels, subsets[1]['train'].labels)
+    torch.testing.assert_close(subsets[0]['mean'], subsets[1]['mean'])
     with pytest.MonkeyPatch.context() as mp:  # auto: streamed where the decoded set would not fit
         mp.setattr(crl, 'fits_in_memory', lambda *a: False)
         assert crl.load_data(crl.parse_args(['--data', root, *TINY]), numerics, 48)['streamed']
@@ -1031,6 +1040,55 @@ def test_command_line_prunes_a_torchvision_model(crl_tp, tmp_path, tiny):
                           (['--arch', 'torchvision:resnet18', '--width', '0.5'], 'built-in architectures')]:
         with pytest.raises(SystemExit, match=message):
             crl.main([*plain, *args, '--data', tiny, '--out', str(tmp_path / 'x')])
+
+
+def test_pretrained_torchvision_weights_offline_say_where_the_file_goes(tmp_path, monkeypatch):
+    """--pretrained torchvision downloads into torch's hub cache once; offline, one line names the file and where to
+    put it, and a file put there loads without a network."""
+    import argparse
+    import torchvision
+    import urllib.error
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError('no network')
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
+    args = argparse.Namespace(arch='torchvision:resnet18', pretrained='torchvision')
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    path = tmp_path / 'hub' / 'checkpoints' / os.path.basename(url)
+    with pytest.raises(crl.CRLError) as e:
+        crl.torchvision_weights(args)
+    assert url in str(e.value) and f'put it at {path}' in str(e.value) and '\n' not in str(e.value)
+    path.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    assert crl.torchvision_weights(args)['fc.weight'].shape == (1000, 512)
+    with pytest.raises(SystemExit, match='for --arch torchvision:NAME'):
+        crl.main(['--pretrained', 'torchvision', '--arch', 'vgg11'])
+
+
+def test_pretrained_torchvision_format_file_starts_the_dense_network(crl_tp, tmp_path, tiny):
+    """A state dict in torchvision's format: every weight but the classifier's goes in, the classifier is new for the
+    data's classes, the stem keeps its ImageNet strides, the inputs are normalised as ImageNet's, and the dense phase
+    fine-tunes it (--dense-epochs). Weights of another network are a one-line error."""
+    import torchvision
+    torch.manual_seed(0)
+    imagenet = torchvision.models.resnet18()
+    torch.save(imagenet.state_dict(), tmp_path / 'resnet18.pth')
+    plain = [a for a in TINY if a not in ('--arch', 'vgg11', '--width', '0.0625')]
+    argv = [*plain, '--arch', 'torchvision:resnet18', '--pretrained', str(tmp_path / 'resnet18.pth'),
+            '--data', tiny, '--dense-epochs', '0', '--out', str(tmp_path / 'out')]
+    pipeline = crl.Pipeline(crl.parse_args(argv))
+    model = pipeline.net.plain
+    assert pipeline.pretrained == 'torchvision' and model.conv1.kernel_size == (7, 7)
+    assert torch.equal(model.layer3[1].conv2.weight, imagenet.layer3[1].conv2.weight)
+    assert model.fc.out_features == 3 and torch.equal(pipeline.stats['mean'], crl.IMAGENET_MEAN)
+    r = crl.main(argv)
+    dense, info = crl.load_pruned(str(tmp_path / 'out' / 'dense.pt'))
+    assert torch.equal(dense.layer3[1].conv2.weight, imagenet.layer3[1].conv2.weight)  # 0 epochs: as loaded
+    assert info['mean'] == pytest.approx(crl.IMAGENET_MEAN.tolist()) and r['budget_met']
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / 'resnet34.pth')
+    with pytest.raises(SystemExit, match='do not fit torchvision:resnet18: layer1.2'):
+        crl.main([*argv[:-1], str(tmp_path / 'x'), '--pretrained', str(tmp_path / 'resnet34.pth')])
 
 
 def test_readme_torchvision_example_runs(crl_tp, tmp_path):
@@ -1817,3 +1875,82 @@ def test_script_runs_resnet18_from_the_command_line(tmp_path, tiny):
     assert 'prune epoch 1' in r.stdout and 'lam macs=' in r.stdout
     saved = json.loads((out / 'results.json').read_text())
     assert saved['budget_met'] and saved['pruned']['macs'] <= 0.4 * saved['dense']['macs']
+
+
+# --- Part II, 17. Several processes: torchrun, gloo on the CPU ---------------------------------------------------------
+
+def torchrun(tmp_path, argv, processes=2, patch=''):
+    """`torchrun --nproc_per_node N crl_prune.py ARGV` (through a launcher that first runs `patch`, Python code that
+    may replace parts of crl_prune, as the tests' monkeypatching does in one process)."""
+    launcher = tmp_path / 'launch.py'
+    launcher.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport crl_prune as crl\n{patch}\n"
+                        f"crl.main(sys.argv[1:])\n")
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}',
+                           str(launcher), *argv], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+INTERRUPT = """
+real, calls = crl.Progress.add, []
+def add(self, *a, **k):
+    calls.append(1)
+    if len(calls) == {step}:
+        raise KeyboardInterrupt
+    return real(self, *a, **k)
+crl.Progress.add = add
+"""
+
+
+def test_two_processes_prune_as_one_and_resume(tmp_path, tiny):
+    """Two processes (torchrun, gloo): they end with one policy and one mask (else the run fails: `identical`), meet
+    the budget, and process 0 alone writes the files and the lines; interrupted in pruning and resumed, the run ends
+    where the uninterrupted one does."""
+    argv = [*RESUMABLE, '--data', tiny, '--batch-size', '6']
+    whole = torchrun(tmp_path, [*argv, '--out', str(tmp_path / 'whole')])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert whole.stdout.count('dense accuracy') == 1 and whole.stdout.count('x 2 processes') == 1
+    r = json.load(open(tmp_path / 'whole' / 'results.json'))
+    assert r['processes'] == 2 and r['budget_met'] and r['fractions']['params'] <= 0.3
+    rows = list(csv.DictReader(open(tmp_path / 'whole' / 'metrics.csv')))
+    steps = [(row['phase'], row['step'], row['test_accuracy']) for row in rows]
+    assert len(steps) == len(set(steps)) == 21  # 3 steps an epoch, 2 epochs a phase, and its test accuracy: once
+    assert not [f for f in os.listdir(tmp_path / 'whole') if f.endswith('.tmp')]
+    dense, _ = crl.load_pruned(str(tmp_path / 'whole' / 'dense.pt'))  # the accuracy of all test images, not a shard
+    data = crl.load_data(crl.parse_args(['--data', tiny, *TINY]), crl.Numerics(torch.device('cpu')))
+    assert crl.evaluate(dense, data) == r['dense']['accuracy']
+    cut = torchrun(tmp_path, [*argv, '--out', str(tmp_path / 'cut')], patch=INTERRUPT.format(step=11))
+    assert cut.returncode != 0 and 'interrupted' in cut.stderr and 'prune epoch 1' in cut.stderr
+    resumed = torchrun(tmp_path, [*argv, '--out', str(tmp_path / 'cut'), '--resume'])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    s = json.load(open(tmp_path / 'cut' / 'results.json'))
+    for key in ('channels', 'dense', 'pruned', 'multipliers', 'keep_probability_mean'):
+        assert s[key] == r[key], key
+    a, b = (torch.load(tmp_path / d / 'pruned.pt', weights_only=True)['state_dict'] for d in ('whole', 'cut'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_find_the_widths_one_process_finds(tmp_path, tiny):
+    """The same global batch (2 x 6 images, or 12 in one process) and schedule: close widths, both within budget."""
+    argv = [*TINY, '--data', tiny, '--prune-epochs', '4', '--budget', 'params=0.3']
+    two = torchrun(tmp_path, [*argv, '--batch-size', '6', '--out', str(tmp_path / 'two')])
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = tiny_run(tiny, tmp_path / 'one', '--prune-epochs', '4', '--budget', 'params=0.3')
+    r = json.load(open(tmp_path / 'two' / 'results.json'))
+    assert r['budget_met'] and one['budget_met']
+    for name, cost in one['expected_cost_after_pruning'].items():
+        assert r['expected_cost_after_pruning'][name] == pytest.approx(cost, abs=0.1)
+    total = lambda res: sum(res['channels'].values())  # noqa: E731
+    assert abs(total(r) - total(one)) <= 0.2 * total(one), (r['channels'], one['channels'])
+
+
+def test_torchrun_refuses_a_device_it_cannot_split(tmp_path, tiny, monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    with pytest.raises(SystemExit, match='--device cuda:1: under torchrun each process takes the GPU of its'):
+        tiny_run(tiny, tmp_path / 'out', '--device', 'cuda:1')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    with pytest.raises(SystemExit, match='2 processes on this machine but 1 GPU'):
+        tiny_run(tiny, tmp_path / 'out', '--device', 'cuda')
+    assert not os.path.exists(tmp_path / 'out')

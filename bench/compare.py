@@ -93,11 +93,11 @@ def kept_widths(model, groups=None):
     return crl.group_widths(model) if groups is None else [len(model.get_submodule(n).weight) for n in groups]
 
 
-def pruner(model, method, reg, steps):
-    """A Torch-Pruning pruner for `method` that removes up to 99% of the channels in `steps` steps; the classifier's
-    outputs are never pruned."""
+def pruner(model, method, reg, steps, size=32):
+    """A Torch-Pruning pruner for `method` that removes up to 99% of the channels in `steps` steps, traced on
+    `size`-px images; the classifier's outputs are never pruned."""
     import torch_pruning as tp
-    example = torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device)
+    example = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
     kw = dict(pruning_ratio=0.99, iterative_steps=steps,
               ignored_layers=[[m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]])
     if method == 'tp-group-reg':
@@ -117,7 +117,7 @@ def pruner(model, method, reg, steps):
 
 def prune_to(model, pruner, fraction):
     """Step `pruner` until the parameters of `model` meet the budget `fraction` of its count now."""
-    dense = crl.count(model)[0]
+    dense = crl.count(model)[0]  # parameters: the same at any image size
     for _ in range(pruner.iterative_steps):
         if crl.count(model)[0] <= fraction * dense:
             break
@@ -165,7 +165,8 @@ def baseline(method, crl_widths, dense_path, data, fraction, seed, args, targs):
         model = crl.compact(dense, channel_masks(dense, crl_widths, method.split('-')[-1], seed))
     else:
         model = dense
-        p = pruner(model, method, args.tp_reg if method == 'tp-group-reg' else args.slim_reg, steps=200)
+        p = pruner(model, method, args.tp_reg if method == 'tp-group-reg' else args.slim_reg, steps=200,
+                   size=data['size'])
         if e['sparsity']:  # Torch-Pruning's reproduction trains its sparsity phase without weight decay
             sargs = argparse.Namespace(**{**vars(targs), 'wd': 0.0 if method == 'tp-group-reg' else targs.wd})
             sparsity_learning(model, p, data, e['sparsity'], sargs, f'{method}-sparsity')
@@ -230,6 +231,7 @@ def main(argv=None):
     p.add_argument('--width', type=float, default=1.0)
     p.add_argument('--data', required=True, help='ImageFolder directory with train/ and test/')
     p.add_argument('--subset', type=int, default=0)
+    p.add_argument('--image-size', type=int, help="crl_prune.py's --image-size (default: the data's own)")
     p.add_argument('--budgets', nargs='+', default=['params=0.1'])
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--methods', nargs='+', default=METHODS, choices=METHODS)
@@ -252,6 +254,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     common = ['--arch', args.arch, '--width', str(args.width), '--data', args.data, '--subset', str(args.subset),
               '--batch-size', str(args.batch_size), '--device', args.device, '--log-every', '1000000',
+              *(['--image-size', str(args.image_size)] if args.image_size else []),
               *(['--lr', str(args.lr)] if args.lr else [])]
 
     budgeted = [m for m in args.methods if m != 'crl' and m not in FROM_CRL]  # rows that meet the budget themselves
@@ -265,12 +268,13 @@ def main(argv=None):
                   '--overwrite', '--out', os.path.join(args.out, 'dense')])
     targs = crl.parse_args([*common, '--pretrained', dense_path])
     device = crl.get_device(args.device, '--device')
-    data = crl.load_data(targs, crl.Numerics(device, targs.bf16, targs.channels_last))
+    shape = (3, targs.image_size, targs.image_size)  # the dense checkpoint's
+    data = crl.load_data(targs, crl.Numerics(device, targs.bf16, targs.channels_last), shape[-1])
     ckpt = torch.load(dense_path, map_location='cpu', weights_only=True)
     data.update({k: torch.tensor(ckpt[k]) for k in ('mean', 'std') if k in ckpt})  # its inputs, as CRL's rows see them
     dense_model, dense_info = crl.load_pruned(dense_path, device=device)
     names = dense_info['group_names']
-    dp, dm = crl.count(dense_model)
+    dp, dm = crl.count(dense_model, shape)
     dense = {'params': dp, 'macs': dm, 'accuracy': crl.evaluate(dense_model, data)}
     print(f"dense checkpoint {dense_path}: {dense}", flush=True)
 
@@ -310,7 +314,7 @@ def main(argv=None):
                                  f"seed {seed}: add crl to --methods")
                     widths = list(source['channels'].values()) if method in FROM_CRL else None
                     model, before, prune_s = baseline(method, widths, dense_path, data, fraction, seed, args, targs)
-                    params, macs = crl.count(model)
+                    params, macs = crl.count(model, shape)
                     acc = crl.evaluate(model, data)  # a diverged network's too: what it computes
                     extra = {'accuracy_before_finetune': before,
                              'channels': dict(zip(names, kept_widths(model, None if crl.units(model) else names))),
