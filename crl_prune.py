@@ -654,10 +654,14 @@ def checked_budget(budget, costs, net, multiple=1):
 
 def final_network(net, policy, costs, budget, multiple=1, batches=None, bf16=False, reduce=None):
     """Stage 3 (after stage 2, `prune`): the final mask (section 8; found by measuring, where a cost is measured),
-    the compact network (section 9) and its BN statistics measured on `batches`. Returns the network and the mask."""
+    the compact network (section 9) and its BN statistics measured on `batches`. Returns the network and the mask.
+    With `reduce` (several processes), masks that differ between the processes are an error: their mean differs."""
     measured = [c for c in costs.values() if hasattr(c, 'search')]
     mask = measured[0].search(net, policy, costs, budget, multiple) if measured else \
         final_mask(policy, costs, budget, multiple)
+    if reduce is not None and not torch.equal(reduce(mask), mask):
+        raise CRLError("the processes ended with different masks; their policies diverged (were the rewards "
+                       "averaged over them, with the same seed in every process?)")
     small = net.compact(policy.split(mask))
     if batches is not None:
         recalibrate_bn(small, batches, bf16=bf16, reduce=reduce)
@@ -666,21 +670,23 @@ def final_network(net, policy, costs, budget, multiple=1, batches=None, bf16=Fal
 
 def prune_network(model, batches, budget, *, costs=None, input_shape=None, prune_epochs=10, prune_lr=0.02,
                   finetune_epochs=10, lr=0.1, finetune_batches=None, multiple=1, bf16=False, callback=None,
-                  init_keep=0.9, **options):
+                  init_keep=0.9, wrap=None, reduce=None, **options):
     """Prune `model` under `budget`, {cost name: fraction of the dense network in (0, 1]} (e.g. {'params': 0.1},
     {'macs': 0.3, 'energy': 0.5}); return the compact network, fine-tuned. model: a network of Units whose forward
     takes (x, masks=None), or a `Prunable` (crl_tp's, for any torchvision model). batches: re-iterable (images,
     labels) batches with a len, on the model's device (a pruning step runs its batch K times); costs: more {name:
-    C(widths)}, params and macs built in; options: `prune`'s keywords. `model`'s weights train while pruning (copy
-    it first to keep the dense network). Bad input raises CRLError before any training."""
+    C(widths)}, params and macs built in; wrap, reduce: for several processes (section 7; README); options:
+    `prune`'s keywords. `model`'s weights train while pruning (copy it first to keep the dense network). Bad input
+    raises CRLError before any training."""
     net = model if isinstance(model, Prunable) else Prunable(model, input_shape or next(iter(batches))[0].shape[1:])
     costs = {**net.costs([n for n in budget if n in COSTS and n not in (costs or {})]), **(costs or {})}
     costs, fractions = checked_budget(budget, costs, net, multiple)                                  # stage 1
     policy, _ = prune(net.model, costs, fractions, batches, prune_epochs, lr=prune_lr, bf16=bf16,    # stage 2
-                      policy=Policy(net.widths, init_keep), callback=callback, **options)
-    small, _ = final_network(net, policy, costs, fractions, multiple, finetune_batches or batches, bf16)  # stage 3
-    return train(small, finetune_batches or batches, finetune_epochs, lr, bf16=bf16, phase='finetune',  # stage 4
-                 callback=callback)
+                      policy=Policy(net.widths, init_keep), wrap=wrap, reduce=reduce, callback=callback, **options)
+    small, _ = final_network(net, policy, costs, fractions, multiple, finetune_batches or batches, bf16,  # stage 3
+                             reduce)
+    return train(small, finetune_batches or batches, finetune_epochs, lr, bf16=bf16, wrap=wrap,        # stage 4
+                 reduce=reduce, phase='finetune', callback=callback)
 
 
 # =====================================================================================================================
@@ -2406,7 +2412,6 @@ class Pipeline:
                             callback=self.callbacks('prune', a.prune_epochs * len(batches)),
                             resume=self.checkpoint.resume)
         report['speed']['prune'], report['time_s']['prune'] = self.progress.speed(), time.time() - t0
-        identical(policy.theta.detach(), 'policies')
         if self.main:
             save_atomic({'theta': dict(zip(self.net.names, policy.split(policy.theta.detach().cpu())))},
                         self.path('policy.pt'))
@@ -2416,7 +2421,6 @@ class Pipeline:
         report['expected_cost'] = {n: c(expected).item() for n, c in self.costs.items()}
         small, mask = final_network(self.net, policy, self.costs, budget, self.multiple,
                                     Batches(self.data, 'train', a.batch_size, train=True), numerics.bf16, self.reduce)
-        identical(mask, 'final masks')
         report['measured'] = {n: c.final for n, c in self.costs.items() if hasattr(c, 'measure')}
         report['widths'] = policy.kept(mask[None])[0].tolist()
         if a.reinit:  # keep the widths CRL found, train them from random initialisation (Liu et al., ICLR 2019)

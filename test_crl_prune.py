@@ -1943,6 +1943,46 @@ def test_two_processes_find_the_widths_one_process_finds(tmp_path, tiny):
     assert abs(total(r) - total(one)) <= 0.2 * total(one), (r['channels'], one['channels'])
 
 
+LIBRARY_UNDER_TORCHRUN = """
+import json, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {here!r})
+import crl_prune as crl
+dist.init_process_group('gloo')
+torch.manual_seed(0)  # the same seed in every process, as the README says
+g = torch.Generator().manual_seed(dist.get_rank())  # each process its own shard of images
+batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
+
+
+def mean(t):
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+small = crl.prune_network(crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 3), batches, {{'params': 0.3}},
+                          prune_epochs=2, finetune_epochs=1, samples=2, wrap=torch.nn.parallel.DistributedDataParallel,
+                          reduce=mean)
+print(json.dumps({{'widths': crl.group_widths(small), 'count': crl.count(small),
+                  'state': [t.double().sum().item() for t in small.state_dict().values()]}}))
+dist.destroy_process_group()
+"""
+
+
+def test_the_library_call_under_torchrun_gives_every_process_one_network(tmp_path):
+    """prune_network with the README's two hooks (DDP as `wrap`, a mean over processes as `reduce`) on two
+    processes with different images: both end with the same network, within the budget."""
+    (tmp_path / 'lib.py').write_text(LIBRARY_UNDER_TORCHRUN.format(here=HERE))
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        str(tmp_path / 'lib.py')], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
+    assert a == b
+    dense = crl.count(crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 3))
+    assert a['count'][0] <= 0.3 * dense[0]
+
+
 def test_torchrun_refuses_a_device_it_cannot_split(tmp_path, tiny, monkeypatch):
     monkeypatch.setenv('WORLD_SIZE', '2')
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')

@@ -1,5 +1,6 @@
-"""Tests of the bench scripts (bench/compare.py, bench/plot.py), on the CPU, on small data the tests make. They need
-bench/requirements.txt (torch-pruning, matplotlib) and skip, with the reason, without it."""
+"""Tests of the bench scripts (bench/compare.py, bench/plot.py, bench/loaders.py), on the CPU, on small data the tests
+make. Those of compare.py and plot.py need bench/requirements.txt (torch-pruning, matplotlib) and skip, with the
+reason, without it."""
 import json
 import os
 import subprocess
@@ -228,3 +229,15 @@ def test_plot_script_reads_every_compare_format(tmp_path):
     with pytest.raises(SystemExit, match='not bench/compare.py results'):
         plot.main(['--compare', str(tmp_path / 'other.json'), '--out', str(tmp_path / 'none')])
     assert not (tmp_path / 'none').exists()
+
+
+# --- bench/loaders.py: the two data paths --------------------------------------------------------------------------
+
+def test_loaders_script_times_both_paths(tmp_path, capsys):
+    sys.path.insert(0, HERE)
+    import loaders
+    root = write_image_folder(tmp_path / 'data', size=48)
+    loaders.main(['--data', root, '--workers', '0', '--batch-size', '12', '--passes', '1', '--width', '0.0625'])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ')]
+    assert [line.split(' | ')[:3] for line in lines[1:]] == [['| memory', '48', '36'], ['| stream', '48', '36']]
+    assert all(float(line.split(' | ')[4].replace(',', '')) > 0 for line in lines[1:])
