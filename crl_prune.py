@@ -1755,6 +1755,7 @@ class Checkpoint:
         self.path, self.every = os.path.join(args.out, 'checkpoint.pt'), args.checkpoint_every
         self.last_save = time.time()
         self.args = {k: v for k, v in vars(args).items() if k not in self.FREE}
+        self.args['processes'] = rank_and_world()[1]  # torchrun's: the shards of the data follow it
         if args.resume:
             try:
                 self.state = torch.load(self.path, map_location='cpu', weights_only=True)

@@ -1920,6 +1920,8 @@ def test_two_processes_prune_as_one_and_resume(tmp_path, tiny):
     assert crl.evaluate(dense, data) == r['dense']['accuracy']
     cut = torchrun(tmp_path, [*argv, '--out', str(tmp_path / 'cut')], patch=INTERRUPT.format(step=11))
     assert cut.returncode != 0 and 'interrupted' in cut.stderr and 'prune epoch 1' in cut.stderr
+    with pytest.raises(SystemExit, match='processes 2'):  # its shards need as many processes as it had
+        crl.main([*argv, '--out', str(tmp_path / 'cut'), '--resume'])
     resumed = torchrun(tmp_path, [*argv, '--out', str(tmp_path / 'cut'), '--resume'])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     s = json.load(open(tmp_path / 'cut' / 'results.json'))
