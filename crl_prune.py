@@ -23,13 +23,14 @@ PART I, THE METHOD: self-contained; stop reading at its end and you have all of 
   4. The policy           one Bernoulli keep-probability per channel
   5. REINFORCE            with a leave-one-out baseline, on the Lagrangian reward; the costs' control variate
   6. The dual step        projected, damped ascent on the multipliers
-  7. The loops            one pruning step; the pruning loop (its budget annealed); supervised training
+  7. The loops            one pruning step; the pruning loop (its budget annealed); supervised training; two
+                          hooks for several processes
   8. The final mask       the most probable channels within every budget
   9. Compaction           the smaller network, same outputs
  10. The library call     Prunable (what the stages need of a network), the four stages, prune_network
 PART II, THE TOOL: data, networks (built-in or torchvision through crl_tp.py), measured costs (latency), user cost
 files, progress, checkpoints, saving and export, inference speed, and the command line, which runs Part I's stages
-on CIFAR or an image folder.
+on CIFAR or an image folder at its own resolution, in memory or streamed, in one process or several (torchrun).
 """
 import copy
 import math
@@ -708,7 +709,8 @@ import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-# 11. Data                 the whole dataset on the device, augmentation as tensor ops, batches as Part I takes them
+# 11. Data                 images at the run's size, in memory or streamed; augmentation as tensor ops; batches as
+#                          Part I takes them; the few places where torchrun's processes meet
 # 12. Networks             what the tool prunes: built-in networks of Units, or any torchvision model through crl_tp
 # 13. Measured costs       latency: a per-unit table predicts it while pruning; feasibility and final mask timed
 # 14. User cost files      --cost NAME=file.py:function
