@@ -844,13 +844,19 @@ def resize_for(size, train):
 
 
 class Folder(torch.utils.data.Dataset):
-    """An ImageFolder split decoded at `size` px (what the streaming path's workers read): (uint8 image, label)."""
+    """An ImageFolder split decoded at `size` px (what the streaming path's workers read): (uint8 image, label);
+    with `subset`, that many of its images, a fixed random choice."""
 
-    def __init__(self, root, size, train):
+    def __init__(self, root, size, train, subset=0):
         import torchvision
         ds = torchvision.datasets.ImageFolder(root)
         self.samples, self.labels, self.classes = [s[0] for s in ds.samples], torch.tensor(ds.targets), ds.classes
         self.size, self.resize = size, resize_for(size, train)
+        if subset > len(self.samples):
+            fail(f"--subset {subset}: the training set has only {len(self.samples)} images")
+        if subset:
+            keep = fixed_subset(len(self.samples), subset)
+            self.samples, self.labels = [self.samples[i] for i in keep.tolist()], self.labels[keep]
 
     def __len__(self):
         return len(self.samples)
@@ -892,12 +898,17 @@ class Streamed:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+def fixed_subset(n, k):
+    """Which k of n images --subset k keeps: the same ones in every run."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k]
+
+
 @functools.lru_cache(maxsize=4)  # a process that runs main() many times (bench/compare.py) decodes each folder once
-def read_image_folder(root, size=32, train=True):
-    """An ImageFolder directory decoded at `size` px, as (uint8 images (N, 3, size, size), labels, class names), by a
-    pool of threads (PIL releases the GIL while it decodes)."""
+def read_image_folder(root, size=32, train=True, subset=0):
+    """An ImageFolder directory (its `Folder`) decoded at `size` px, as (uint8 images (N, 3, size, size), labels,
+    class names), by a pool of threads (PIL releases the GIL while it decodes)."""
     from concurrent.futures import ThreadPoolExecutor
-    folder = Folder(root, size, train)
+    folder = Folder(root, size, train, subset)
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
         x = torch.stack(list(pool.map(lambda s: decode(s, size, folder.resize), folder.samples, chunksize=256)))
     return x, folder.labels, folder.classes
@@ -965,13 +976,12 @@ def load_data(args, numerics, size=32):
     device, rank, world = numerics.device, *rank_and_world()
     if args.data:
         train_dir, test_dir, _ = image_folder_splits(args.data)
-        folders = [Folder(train_dir, size, True), Folder(test_dir, size, False)]
-        n = args.subset or len(folders[0])
+        folders = [Folder(train_dir, size, True, args.subset), Folder(test_dir, size, False)]
         streamed = args.loader == 'stream' or args.loader == 'auto' and not fits_in_memory(
-            n + len(folders[1]), size, device, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
-        splits = [(Streamed(f, device, args.workers) if streamed else
-                   InMemory(*read_image_folder(d, size, f is folders[0])[:2], device))
-                  for f, d in zip(folders, (train_dir, test_dir))]
+            len(folders[0]) + len(folders[1]), size, device, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+        splits = [Streamed(folders[0], device, args.workers), Streamed(folders[1], device, args.workers)] if \
+            streamed else [InMemory(*read_image_folder(train_dir, size, True, args.subset)[:2], device),
+                           InMemory(*read_image_folder(test_dir, size, False)[:2], device)]
         classes = folders[0].classes
     else:
         import torchvision
@@ -988,28 +998,19 @@ def load_data(args, numerics, size=32):
         if size != 32:
             x = [F.interpolate(t.float(), size, mode='bilinear', antialias=True).round().clamp(0, 255).byte()
                  for t in x]
-        splits, streamed, classes = [InMemory(t, torch.tensor(d.targets), device) for t, d in zip(x, (tr, te))], \
-            False, tr.classes
-    if args.subset > len(splits[0]):
-        fail(f"--subset {args.subset}: the training set has only {len(splits[0])} images")
-    if args.subset:
-        keep = torch.randperm(len(splits[0]), generator=torch.Generator().manual_seed(0))[:args.subset]
-        splits[0] = subset(splits[0], keep)
+        y = [torch.tensor(d.targets) for d in (tr, te)]
+        if args.subset > len(y[0]):
+            fail(f"--subset {args.subset}: the training set has only {len(y[0])} images")
+        if args.subset:
+            keep = fixed_subset(len(y[0]), args.subset)
+            x[0], y[0] = x[0][keep], y[0][keep]
+        splits, streamed, classes = [InMemory(*xy, device) for xy in zip(x, y)], False, tr.classes
     if len(splits[0]) < args.batch_size * world:  # BatchNorm needs whole batches (BN1d after fc1: more than one value)
         fail(f"{len(splits[0])} training images, fewer than one batch (--batch-size {args.batch_size}"
              + (f" on each of {world} processes" if world > 1 else '') + "); lower --batch-size or raise --subset")
     mean, std = channel_statistics(splits[0])
     return {'train': splits[0], 'test': splits[1], 'classes': classes, 'mean': mean, 'std': std, 'size': size,
             'streamed': streamed, 'numerics': numerics}
-
-
-def subset(split, keep):
-    """The images `keep` of a split."""
-    if isinstance(split, InMemory):
-        return InMemory(split.x[keep.to(split.device)], split.labels[keep.to(split.device)], split.device)
-    folder = copy.copy(split.folder)
-    folder.samples, folder.labels = [folder.samples[i] for i in keep.tolist()], folder.labels[keep]
-    return Streamed(folder, split.device, split.workers)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ M = [  # name, text in crl_prune.py, what replaces it (and the file, if not crl_
  ('evaluation counts one process\'s shard', "    return all_reduce(correct, 'sum').item()", "    return correct.item()"),
  ('random resized crop never flips', '    flip = torch.where(torch.rand(n, **g) < 0.5, -1.0, 1.0)', '    flip = torch.ones(n, device=x.device)'),
  ('test images not resized as the recipe', '    return size if train or size <= 32 else round(size / 0.875)', '    return size'),
- ('streamed split ignores the subset', "    folder.samples, folder.labels = [folder.samples[i] for i in keep.tolist()], folder.labels[keep]", "    pass"),
+ ('a folder ignores --subset', "            self.samples, self.labels = [self.samples[i] for i in keep.tolist()], self.labels[keep]", "            pass"),
  ('images paired wrongly', 'model(torch.cat([x] * samples), policy.split(masks))', 'model(x.repeat_interleave(samples, 0), policy.split(masks))'),
  ('policy optimiser never stepped', '    opt_w.step()\n    opt_p.step()\n', '    opt_w.step()\n'),
  ('weights not trained while pruning', '    opt_w.step()\n    opt_p.step()\n', '    opt_p.step()\n'),
