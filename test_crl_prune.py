@@ -1965,8 +1965,9 @@ def mean(t):
 small = crl.prune_network(crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 3), batches, {{'params': 0.3}},
                           prune_epochs=2, finetune_epochs=1, samples=2, wrap=torch.nn.parallel.DistributedDataParallel,
                           reduce=mean)
-print(json.dumps({{'widths': crl.group_widths(small), 'count': crl.count(small),
-                  'state': [t.double().sum().item() for t in small.state_dict().values()]}}))
+with open(sys.argv[1] + str(dist.get_rank()), 'w') as f:  # one file each: their prints would interleave
+    json.dump({{'widths': crl.group_widths(small), 'count': crl.count(small),
+               'state': [t.double().sum().item() for t in small.state_dict().values()]}}, f)
 dist.destroy_process_group()
 """
 
@@ -1976,10 +1977,10 @@ def test_the_library_call_under_torchrun_gives_every_process_one_network(tmp_pat
     processes with different images: both end with the same network, within the budget."""
     (tmp_path / 'lib.py').write_text(LIBRARY_UNDER_TORCHRUN.format(here=HERE))
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        str(tmp_path / 'lib.py')], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+                        str(tmp_path / 'lib.py'), str(tmp_path / 'rank')], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
+    a, b = [json.load(open(tmp_path / f'rank{rank}')) for rank in (0, 1)]
     assert a == b
     dense = crl.count(crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 3))
     assert a['count'][0] <= 0.3 * dense[0]
