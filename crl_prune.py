@@ -1175,8 +1175,9 @@ def torchvision_weights(args):
             state = torch.load(args.pretrained, map_location='cpu', weights_only=True)
         except Exception as e:
             fail(f"--pretrained {args.pretrained}: cannot load it ({type(e).__name__}: {first_line(e)})")
-        return state.get('state_dict', state) if isinstance(state, dict) else fail(
-            f"--pretrained {args.pretrained}: not a state dict")
+        if not isinstance(state, dict):
+            fail(f"--pretrained {args.pretrained}: not a state dict")
+        return state.get('state_dict', state)
     try:
         url = torchvision.models.get_model_weights(name).DEFAULT.url
     except (ValueError, AttributeError, KeyError):
