@@ -373,7 +373,9 @@ def cost_slopes(policy, costs):
 # 1988; the PI-Lagrangian of Stooke et al. 2020) pushes as hard as the policy lags and takes pressure off as soon as
 # the cost nears the budget:
 #     I_j <- max(0, I_j + eta clip(e_j, -1, 1)),    lambda_j = max(0, I_j + damping e_j)
-# The budget b_j here is the annealed one of `prune` (section 7), so e_j stays small while the policy keeps pace.
+# The budget b_j here is the annealed one of `prune` (section 7), so e_j stays small while the policy keeps pace;
+# eta (0.05 a step) is large enough for the integral to take over, within a few epochs, the offset e_j > 0 that the
+# proportional term alone needs to hold lambda_j (at 0.01 the cost sat 10-15% over a 10% budget to the end of 4 epochs).
 
 def dual_step(integral, cost, budget, eta, damping):
     """Returns the new integral term and the multipliers lambda_j = max(0, I_j + damping * e_j)."""
@@ -425,7 +427,7 @@ def sgd(model, lr, weight_decay, steps):
 
 
 def prune(model, costs, budget, batches, epochs=10, *, samples=8, lr=0.02, weight_decay=5e-4, policy_lr=0.2,
-          dual_lr=0.01, damping=30.0, init_keep=0.9, anneal=1/3, control_variate=True, policy=None, bf16=False,
+          dual_lr=0.05, damping=30.0, init_keep=0.9, anneal=1/6, control_variate=True, policy=None, bf16=False,
           wrap=None, reduce=None, callback=None, resume=None):
     """The pruning loop: every step of every epoch a `pruning_step` on a batch of `batches` (re-iterable, with a
     len: a list or a DataLoader of (images, labels); each batch runs K = `samples` times), then the dual step.
@@ -2045,10 +2047,10 @@ def parser():
     p.add_argument('--wd', type=float, default=5e-4, help='weight decay')
     p.add_argument('--samples', type=int, default=8, help='K, masks sampled per pruning step')
     p.add_argument('--policy-lr', type=float, default=0.2, help='Adam learning rate of the policy logits')
-    p.add_argument('--dual-lr', type=float, default=0.01, help='eta, step of the dual ascent')
+    p.add_argument('--dual-lr', type=float, default=0.05, help='eta, step of the dual ascent')
     p.add_argument('--damping', type=float, default=30.0, help='weight of the proportional term of the multipliers')
     p.add_argument('--init-keep', type=float, default=0.9, help='initial keep-probability of every channel')
-    p.add_argument('--anneal', type=float, default=1/3, help='fraction of the pruning steps over which the budget '
+    p.add_argument('--anneal', type=float, default=1/6, help='fraction of the pruning steps over which the budget '
                    "falls from the initial policy's expected cost to its value (0: the budget from the first step)")
     p.add_argument('--no-control-variate', dest='control_variate', action='store_false', help="plain REINFORCE on "
                    "the costs, without their first-order expansion as a control variate (slower to the budget)")

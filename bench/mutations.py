@@ -37,6 +37,8 @@ M = [  # name, text in crl_prune.py, what replaces it (and the file, if not crl_
  ('training batches not augmented', '            if self.train:\n                xb = crop(xb, augmentation)\n', ''),
  ('cost term sign flipped', 'lagrangian = reward - (cost - budget) @ lam', 'lagrangian = reward + (cost - budget) @ lam'),
  ('control variate dropped', '    slopes = cost_slopes(policy, costs) if control_variate else None\n', '    slopes = None\n'),
+ ('budget annealed over a third of pruning', "damping=30.0, init_keep=0.9, anneal=1/6,", "damping=30.0, init_keep=0.9, anneal=1/3,"),
+ ('integral step back to 0.01', "          dual_lr=0.05, damping=30.0,", "          dual_lr=0.01, damping=30.0,"),
  ('budget not annealed', "            target = state['start'] ** (1 - s) * budget ** s\n", '            target = budget\n'),
  ('dual ascent sign flipped', 'integral = (integral + eta * error.clamp(-1, 1)).clamp(min=0)', 'integral = (integral - eta * error.clamp(-1, 1)).clamp(min=0)'),
  ('compact ignores BN stats', "nn.Parameter(sliced, t.requires_grad) if isinstance(t, nn.Parameter) else sliced)",
