@@ -854,10 +854,8 @@ class Folder(torch.utils.data.Dataset):
         ds = torchvision.datasets.ImageFolder(root)
         self.samples, self.labels, self.classes = [s[0] for s in ds.samples], torch.tensor(ds.targets), ds.classes
         self.size, self.resize = size, resize_for(size, train)
-        if subset > len(self.samples):
-            fail(f"--subset {subset}: the training set has only {len(self.samples)} images")
-        if subset:
-            keep = fixed_subset(len(self.samples), subset)
+        keep = fixed_subset(len(self.samples), subset)
+        if keep is not None:
             self.samples, self.labels = [self.samples[i] for i in keep.tolist()], self.labels[keep]
 
     def __len__(self):
@@ -901,8 +899,10 @@ class Streamed:
 
 
 def fixed_subset(n, k):
-    """Which k of n images --subset k keeps: the same ones in every run."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k]
+    """Which k of the n training images --subset k keeps: the same ones in every run (None for k = 0: all)."""
+    if k > n:
+        fail(f"--subset {k}: the training set has only {n} images")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k] if k else None
 
 
 @functools.lru_cache(maxsize=4)  # a process that runs main() many times (bench/compare.py) decodes each folder once
@@ -1001,10 +1001,8 @@ def load_data(args, numerics, size=32):
             x = [F.interpolate(t.float(), size, mode='bilinear', antialias=True).round().clamp(0, 255).byte()
                  for t in x]
         y = [torch.tensor(d.targets) for d in (tr, te)]
-        if args.subset > len(y[0]):
-            fail(f"--subset {args.subset}: the training set has only {len(y[0])} images")
-        if args.subset:
-            keep = fixed_subset(len(y[0]), args.subset)
+        keep = fixed_subset(len(y[0]), args.subset)
+        if keep is not None:
             x[0], y[0] = x[0][keep], y[0][keep]
         splits, streamed, classes = [InMemory(*xy, device) for xy in zip(x, y)], False, tr.classes
     if len(splits[0]) < args.batch_size * world:  # BatchNorm needs whole batches (BN1d after fc1: more than one value)
