@@ -452,9 +452,10 @@ def prune(model, costs, budget, batches, epochs=10, *, samples=8, lr=0.02, weigh
     for epoch in range(resume('prune', state) if resume else 1, epochs + 1):
         event = dict(phase='prune', epoch=epoch, epochs=epochs, steps=len(batches), objects=state)
         for step, (x, y) in enumerate(batches, 1):
-            s = min(1.0, ((epoch - 1) * len(batches) + step) / total)
+            t = (epoch - 1) * len(batches) + step  # the step's number in the whole loop
+            s = min(1.0, t / total)
             target = state['start'] ** (1 - s) * budget ** s
-            generator.manual_seed(state['seed'].item() + (epoch - 1) * len(batches) + step)
+            generator.manual_seed(state['seed'].item() + t)
             loss, logits, cost = pruning_step(net, policy, costs, target, state['lam'], x, y, opt_w, opt_p, samples,
                                               bf16, control_variate, generator, reduce)
             state['integral'], state['lam'] = dual_step(state['integral'], cost.mean(0), target, dual_lr, damping)
