@@ -339,6 +339,12 @@ class Policy(nn.Module):
         return (masks @ self.onehot).round().long()
 
 
+def expected_cost(policy, costs):
+    """Every cost at the policy's expected widths, (J,)."""
+    w = policy.kept(torch.sigmoid(policy.theta.detach())[None])
+    return torch.stack([c(w)[0] for c in costs.values()])
+
+
 # --- 5. REINFORCE with a baseline on the Lagrangian reward ------------------------------------------------------------
 
 def reinforce_loss(policy, masks, reward, cost, budget, lam, slopes=None):
@@ -357,7 +363,7 @@ def reinforce_loss(policy, masks, reward, cost, budget, lam, slopes=None):
 def cost_slopes(policy, costs):
     """Finite-difference slopes dC_j/dw_g of every cost at the policy's expected widths, (J, groups): one channel
     fewer in each group (one more where only one is left), one call of each cost on all of them."""
-    w = policy.kept(torch.sigmoid(policy.theta.detach())[None])                   # (1, groups)
+    w = policy.kept(torch.sigmoid(policy.theta.detach())[None])                   # (1, groups), the expected widths
     step = torch.where(w > 1, -1, 1)
     values = [c(torch.cat([w, w + torch.diag(step[0])])).double() for c in costs.values()]
     return torch.stack([(v[1:] - v[0]) / step[0] for v in values])
@@ -372,16 +378,23 @@ def cost_slopes(policy, costs):
 # at eta; below it, it winds down at eta e, up to eta. And a term proportional to the current violation (Platt & Barr
 # 1988; the PI-Lagrangian of Stooke et al. 2020) pushes as hard as the policy lags and takes pressure off as soon as
 # the cost nears the budget:
-#     I_j <- max(0, I_j + eta clip(e_j, -1, 1)),    lambda_j = max(0, I_j + damping e_j)
+#     I_j <- max(0, I_j + eta clip(e_j, -1, 1)),    lambda_j = max(0, I_j + damping e'_j)
 # The budget b_j here is the annealed one of `prune` (section 7), so e_j stays small while the policy keeps pace;
 # eta (0.05 a step) is large enough for the integral to take over, within a few epochs, the offset e_j > 0 that the
 # proportional term alone needs to hold lambda_j (at 0.01 the cost sat 10-15% over a 10% budget to the end of 4 epochs).
+# The proportional term looks ahead: e'_j is the violation of the cost `lead` steps on at its current pace, C_j + drift
+# with drift = lead * (the last step's change of the policy's expected cost). The policy's optimiser (Adam) has
+# momentum: pushed hard, it keeps moving for several steps after the push stops, and would coast far under a budget
+# it reached at speed, where nothing pulls it back (under the budget lambda is 0). Braking on the predicted cost
+# lets it approach the budget like exp(-t / lead) instead, and so lets the damping be large, which a network of many
+# channels needs (the pull of lambda on each channel's keep-probability is about lambda / channels).
 
-def dual_step(integral, cost, budget, eta, damping):
-    """Returns the new integral term and the multipliers lambda_j = max(0, I_j + damping * e_j)."""
+def dual_step(integral, cost, budget, eta, damping, drift=0):
+    """Returns the new integral term and the multipliers lambda_j = max(0, I_j + damping * e'_j), e'_j the relative
+    violation of cost + drift (the cost predicted a few steps on; 0: the current one)."""
     error = (cost - budget) / budget
     integral = (integral + eta * error.clamp(-1, 1)).clamp(min=0)   # projected dual ascent on the clipped violation
-    return integral, (integral + damping * error).clamp(min=0)
+    return integral, (integral + damping * (error + drift / budget)).clamp(min=0)
 
 
 # --- 7. The loops -----------------------------------------------------------------------------------------------------
@@ -427,8 +440,8 @@ def sgd(model, lr, weight_decay, steps):
 
 
 def prune(model, costs, budget, batches, epochs=10, *, samples=8, lr=0.02, weight_decay=5e-4, policy_lr=0.2,
-          dual_lr=0.05, damping=30.0, init_keep=0.9, anneal=1/6, control_variate=True, policy=None, bf16=False,
-          wrap=None, reduce=None, callback=None, resume=None):
+          dual_lr=0.05, damping=100.0, lead=5.0, init_keep=0.9, anneal=1/6, control_variate=True, policy=None,
+          bf16=False, wrap=None, reduce=None, callback=None, resume=None):
     """The pruning loop: every step of every epoch a `pruning_step` on a batch of `batches` (re-iterable, with a
     len: a list or a DataLoader of (images, labels); each batch runs K = `samples` times), then the dual step.
     costs: {name: C(widths)}, budget: fractions in the same order. Returns the policy (a new one unless given) and
@@ -442,11 +455,11 @@ def prune(model, costs, budget, batches, epochs=10, *, samples=8, lr=0.02, weigh
     opt_p = torch.optim.Adam(policy.parameters(), policy_lr)
     # the budget annealed: b_t falls geometrically from the initial policy's expected cost b_0 (where it is above b)
     # to b over the first `anneal` of the steps, b_t = b_0^(1-s) b^s with s = min(1, t / (anneal T))
-    start = torch.stack([c(policy.kept(torch.sigmoid(policy.theta.detach())[None]))[0] for c in costs.values()])
+    start = expected_cost(policy, costs).to(budget)
     total = max(round(anneal * epochs * len(batches)), 1)
-    state = dict(model=model, policy=policy, opt_w=opt_w, opt_p=opt_p, sched=sched, start=start.to(budget).maximum(
-        budget), integral=torch.zeros_like(budget), lam=torch.zeros_like(budget),  # b_0, I_j and lambda_j
-        seed=torch.randint(2 ** 62, ()))  # the masks of step t come from a generator seeded with seed + t
+    state = dict(model=model, policy=policy, opt_w=opt_w, opt_p=opt_p, sched=sched, start=start.maximum(budget),
+                 expected=start, integral=torch.zeros_like(budget), lam=torch.zeros_like(budget),  # b_0, I_j, lambda_j
+                 seed=torch.randint(2 ** 62, ()))  # the masks of step t come from a generator seeded with seed + t
     net, generator = (wrap or (lambda m: m))(model), torch.Generator(device)
     model.train()
     for epoch in range(resume('prune', state) if resume else 1, epochs + 1):
@@ -458,7 +471,9 @@ def prune(model, costs, budget, batches, epochs=10, *, samples=8, lr=0.02, weigh
             generator.manual_seed(state['seed'].item() + t)
             loss, logits, cost = pruning_step(net, policy, costs, target, state['lam'], x, y, opt_w, opt_p, samples,
                                               bf16, control_variate, generator, reduce)
-            state['integral'], state['lam'] = dual_step(state['integral'], cost.mean(0), target, dual_lr, damping)
+            expected, state['expected'] = state['expected'], expected_cost(policy, costs).to(budget)  # the pace
+            state['integral'], state['lam'] = dual_step(state['integral'], cost.mean(0), target, dual_lr, damping,
+                                                        lead * (state['expected'] - expected))
             sched.step()
             if callback:
                 callback({**event, 'step': step, 'loss': loss, 'logits': logits, 'labels': y.repeat(samples),
@@ -2047,7 +2062,9 @@ def parser():
     p.add_argument('--samples', type=int, default=8, help='K, masks sampled per pruning step')
     p.add_argument('--policy-lr', type=float, default=0.2, help='Adam learning rate of the policy logits')
     p.add_argument('--dual-lr', type=float, default=0.05, help='eta, step of the dual ascent')
-    p.add_argument('--damping', type=float, default=30.0, help='weight of the proportional term of the multipliers')
+    p.add_argument('--damping', type=float, default=100.0, help='weight of the proportional term of the multipliers')
+    p.add_argument('--lead', type=float, default=5.0, help='steps ahead at which the proportional term predicts the '
+                   "cost, from its last step's change (0: the current cost)")
     p.add_argument('--init-keep', type=float, default=0.9, help='initial keep-probability of every channel')
     p.add_argument('--anneal', type=float, default=1/6, help='fraction of the pruning steps over which the budget '
                    "falls from the initial policy's expected cost to its value (0: the budget from the first step)")
@@ -2095,7 +2112,7 @@ def check_args(args):
     for name in ('width', 'batch_size', 'lr', 'prune_lr', 'policy_lr', 'log_every'):
         if not 0 < getattr(args, name) < math.inf:
             fail(f"--{name.replace('_', '-')} must be a positive finite number")
-    for name in ('wd', 'dual_lr', 'damping', 'checkpoint_every'):
+    for name in ('wd', 'dual_lr', 'damping', 'lead', 'checkpoint_every'):
         if not 0 <= getattr(args, name) < math.inf:
             fail(f"--{name.replace('_', '-')} must be a finite number >= 0")
     if args.prune_epochs < 1:
@@ -2411,7 +2428,7 @@ class Pipeline:
                           steps=max(len(self.data['train']) // (a.batch_size * self.world), 1))
         budget = self.budget.to(self.device)
         policy, lam = prune(self.model, self.costs, budget, batches, a.prune_epochs, samples=k, lr=a.prune_lr,
-                            weight_decay=a.wd, policy_lr=a.policy_lr, dual_lr=a.dual_lr, damping=a.damping,
+                            weight_decay=a.wd, policy_lr=a.policy_lr, dual_lr=a.dual_lr, damping=a.damping, lead=a.lead,
                             anneal=a.anneal, control_variate=a.control_variate,
                             policy=Policy(self.net.widths, a.init_keep), bf16=numerics.bf16, wrap=self.wrap,
                             reduce=self.reduce,
