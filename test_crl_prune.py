@@ -1764,6 +1764,7 @@ def test_load_pruned_rebuilds_networks_wider_than_width_one(tmp_path):
     (['--wd', '-1'], '--wd must be a finite number >= 0'),
     (['--dual-lr', 'nan'], '--dual-lr must be a finite number >= 0'),
     (['--damping', 'inf'], '--damping must be a finite number >= 0'),
+    (['--lead', '-1'], '--lead must be a finite number >= 0'),
     (['--lr', 'inf'], '--lr must be a positive finite number'),
     (['--budget', 'params=0.1,params=0.9'], 'given twice'),
     (['--prune-epochs', '0'], '--prune-epochs must be >= 1'),
