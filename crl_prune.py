@@ -338,11 +338,14 @@ class Policy(nn.Module):
         the expected widths, rounded)."""
         return (masks @ self.onehot).round().long()
 
+    def expected_widths(self):
+        """The expected kept widths, rounded, (1, groups)."""
+        return self.kept(torch.sigmoid(self.theta.detach())[None])
+
 
 def expected_cost(policy, costs):
     """Every cost at the policy's expected widths, (J,)."""
-    w = policy.kept(torch.sigmoid(policy.theta.detach())[None])
-    return torch.stack([c(w)[0] for c in costs.values()])
+    return torch.stack([c(policy.expected_widths())[0] for c in costs.values()])
 
 
 # --- 5. REINFORCE with a baseline on the Lagrangian reward ------------------------------------------------------------
@@ -363,7 +366,7 @@ def reinforce_loss(policy, masks, reward, cost, budget, lam, slopes=None):
 def cost_slopes(policy, costs):
     """Finite-difference slopes dC_j/dw_g of every cost at the policy's expected widths, (J, groups): one channel
     fewer in each group (one more where only one is left), one call of each cost on all of them."""
-    w = policy.kept(torch.sigmoid(policy.theta.detach())[None])                   # (1, groups), the expected widths
+    w = policy.expected_widths()                                                  # (1, groups)
     step = torch.where(w > 1, -1, 1)
     values = [c(torch.cat([w, w + torch.diag(step[0])])).double() for c in costs.values()]
     return torch.stack([(v[1:] - v[0]) / step[0] for v in values])
@@ -2440,8 +2443,7 @@ class Pipeline:
                         self.path('policy.pt'))
         report['multipliers'] = dict(zip(self.costs, lam.tolist()))
         report['keep_probability_mean'] = torch.sigmoid(policy.theta).mean().item()
-        expected = policy.kept(torch.sigmoid(policy.theta.detach())[None])  # the policy's mean widths
-        report['expected_cost'] = {n: c(expected).item() for n, c in self.costs.items()}
+        report['expected_cost'] = dict(zip(self.costs, expected_cost(policy, self.costs).tolist()))
         small, mask = final_network(self.net, policy, self.costs, budget, self.multiple,
                                     Batches(self.data, 'train', a.batch_size, train=True), numerics.bf16, self.reduce)
         report['measured'] = {n: c.final for n, c in self.costs.items() if hasattr(c, 'measure')}
