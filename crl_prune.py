@@ -345,7 +345,8 @@ class Policy(nn.Module):
 
 def expected_cost(policy, costs):
     """Every cost at the policy's expected widths, (J,)."""
-    return torch.stack([c(policy.expected_widths())[0] for c in costs.values()])
+    w = policy.expected_widths()
+    return torch.stack([c(w)[0] for c in costs.values()])
 
 
 # --- 5. REINFORCE with a baseline on the Lagrangian reward ------------------------------------------------------------
@@ -372,25 +373,18 @@ def cost_slopes(policy, costs):
     return torch.stack([(v[1:] - v[0]) / step[0] for v in values])
 
 
-# --- 6. The dual step -------------------------------------------------------------------------------------------------
-# Plain projected ascent, lambda_j <- max(0, lambda_j + eta (mean_k C_j(m_k) - b_j)), integrates the violation: while
-# the cost starts far over a small budget (0.8 against 0.1, say) lambda grows for a long time, and once the budget is
-# met it can shrink only by eta * b_j per step, so the policy keeps being pushed far below the budget. Two changes
-# damp this. The violation is measured relative to the budget, e = (C - b) / b, and clipped to [-1, 1] where it is
-# integrated, so the integral moves by at most eta a step either way, whatever the budget: far over it, it winds up
-# at eta; below it, it winds down at eta e, up to eta. And a term proportional to the current violation (Platt & Barr
-# 1988; the PI-Lagrangian of Stooke et al. 2020) pushes as hard as the policy lags and takes pressure off as soon as
-# the cost nears the budget:
-#     I_j <- max(0, I_j + eta clip(e_j, -1, 1)),    lambda_j = max(0, I_j + damping e'_j)
-# The budget b_j here is the annealed one of `prune` (section 7), so e_j stays small while the policy keeps pace;
-# eta (0.05 a step) is large enough for the integral to take over, within a few epochs, the offset e_j > 0 that the
-# proportional term alone needs to hold lambda_j (at 0.01 the cost sat 10-15% over a 10% budget to the end of 4 epochs).
-# The proportional term looks ahead: e'_j is the violation of the cost `lead` steps on at its current pace, C_j + drift
-# with drift = lead * (the last step's change of the policy's expected cost). The policy's optimiser (Adam) has
-# momentum: pushed hard, it keeps moving for several steps after the push stops, and would coast far under a budget
-# it reached at speed, where nothing pulls it back (under the budget lambda is 0). Braking on the predicted cost
-# lets it approach the budget like exp(-t / lead) instead, and so lets the damping be large, which a network of many
-# channels needs (the pull of lambda on each channel's keep-probability is about lambda / channels).
+# --- 6. The dual step: a PI controller on the multipliers (Platt & Barr 1988; Stooke et al. 2020) ---------------------
+#     e_j = (mean_k C_j(m_k) - b_j) / b_j                        the relative violation (b_j: `prune`'s annealed budget)
+#     I_j <- max(0, I_j + eta clip(e_j, -1, 1))                  projected dual ascent, at most eta a step either way
+#     lambda_j = max(0, I_j + damping (e_j + drift_j / b_j))     plus a push proportional to the predicted violation
+# Plain ascent (lambda <- max(0, lambda + eta (C - b))) winds lambda up while a cost starts far over a small budget
+# and then unwinds it by only eta b a step, so it drives the cost far under the budget. The clipped relative
+# violation winds the integral down as fast as it wound up; the proportional term pushes as hard as the policy lags;
+# eta 0.05 lets the integral take over, within a few epochs, the offset e_j > 0 that term alone needs to hold lambda.
+# The push acts on the cost `lead` steps on, drift = lead * (the last step's change of the expected cost): Adam's
+# momentum keeps the policy moving after the push stops and would carry it far under a budget reached at speed,
+# where lambda is 0. Braking early lets the damping be large (100), which a network of many channels needs: lambda's
+# pull on each channel's keep-probability is about lambda / channels.
 
 def dual_step(integral, cost, budget, eta, damping, drift=0):
     """Returns the new integral term and the multipliers lambda_j = max(0, I_j + damping * e'_j), e'_j the relative
