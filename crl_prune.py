@@ -792,6 +792,21 @@ def identical(t, what):
             fail(f"the processes ended with different {what}; they must stay identical (a nondeterministic cost?)")
 
 
+def end_processes(synced=True):
+    """Leave the process group (torchrun's, or the library caller's) at the end of a run; a no-op in one process.
+    `synced` (the run ended well in every process): they first wait for one another, so that none tears down
+    while another still communicates. Then the GIL is left free for a moment: a process group that DDP has held
+    outlives destroy_process_group, and one of gloo's worker threads may still be letting go of the last
+    collective's tensors, which takes the GIL; if Python has begun shutting down by then, the process aborts
+    ("terminate called without an active exception") after a run that succeeded."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if synced:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    time.sleep(0.1)
+
+
 # --- 11. Data ---------------------------------------------------------------------------------------------------------
 # Every image is decoded once to a `size` x `size` uint8 tensor (`decode`). Two paths bring those to the loops: the
 # in-memory one holds a split as one uint8 tensor on the device (CIFAR: 150 MB; what makes the CIFAR pipeline fast),
@@ -2529,7 +2544,7 @@ class Pipeline:
 def main(argv=None):
     """The command line. Returns the results (as in results.json); bad input ends in one line on stderr and exit
     status 1, Ctrl-C in the command that resumes the run."""
-    pipeline = None
+    pipeline, finished = None, False
     try:
         args = parse_args(argv)
         pipeline = Pipeline(args)
@@ -2540,6 +2555,7 @@ def main(argv=None):
         results = pipeline.report_results()
         if args.export:
             pipeline.export()
+        finished = True
         return results
     except CRLError as e:
         raise SystemExit(f"crl_prune: error: {e}") from None
@@ -2559,7 +2575,7 @@ def main(argv=None):
             if not pipeline.main:
                 sys.stdout.close()
                 sys.stdout = sys.__stdout__
-            torch.distributed.destroy_process_group()
+            end_processes(synced=finished)
 
 
 if __name__ == '__main__':

@@ -2040,7 +2040,7 @@ small = crl.prune_network(crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 
 with open(sys.argv[1] + str(dist.get_rank()), 'w') as f:  # one file each: their prints would interleave
     json.dump({{'widths': crl.group_widths(small), 'count': crl.count(small),
                'state': [t.double().sum().item() for t in small.state_dict().values()]}}, f)
-dist.destroy_process_group()
+crl.end_processes()  # as the README ends it
 """
 
 
@@ -2056,6 +2056,17 @@ def test_the_library_call_under_torchrun_gives_every_process_one_network(tmp_pat
     assert a == b
     dense = crl.count(crl.build('vgg11', crl.dense_widths('vgg11', 0.0625), 3))
     assert a['count'][0] <= 0.3 * dense[0]
+
+
+def test_end_processes_leaves_the_process_group_and_is_a_no_op_without_one(tmp_path):
+    crl.end_processes()  # no process group: nothing to do
+    torch.distributed.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        crl.end_processes()
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def test_torchrun_refuses_a_device_it_cannot_split(tmp_path, tiny, monkeypatch):
