@@ -802,7 +802,7 @@ def end_processes(synced=True):
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     if synced:
-        torch.distributed.barrier()
+        barrier()
     torch.distributed.destroy_process_group()
     time.sleep(0.1)
 

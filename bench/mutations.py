@@ -68,6 +68,7 @@ M = [  # name, text in crl_prune.py, what replaces it (and the file, if not crl_
  ('traced masks on the wrong channels', "column[torch.tensor(item.idxs)] = offset + torch.tensor(item.root_idxs)", "column[torch.tensor(item.idxs)] = offset + torch.tensor(item.root_idxs).flip(0)", 'crl_tp.py'),
  ('traced hooks left on the model', "            for h in hooks:\n                h.remove()\n            self.masks = None", "            self.masks = None", 'crl_tp.py'),
  ('traced costs ignore the input channels', "        a, b = (list(affine[varying]) + [e0, e0])[:2]", "        a, b = (list(affine[varying][:1]) + [e0, e0])[:2]", 'crl_tp.py'),
+ ('end_processes never leaves the process group', '        barrier()\n    torch.distributed.destroy_process_group()\n    time.sleep(0.1)', '        barrier()\n    time.sleep(0.1)'),
 ]
 only = sys.argv[1:]
 originals = {f: open(f).read() for f in ('crl_prune.py', 'crl_tp.py')}
